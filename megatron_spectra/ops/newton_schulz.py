@@ -40,7 +40,7 @@ def inverse_sqrt_newton_schulz(a_hat: torch.Tensor, steps: int) -> torch.Tensor:
 # that stretches the current interval [lo, hi] of y towards 3 multiplies a small y by up to
 # (9/4)·(hi/γ) instead of 9/4. We never stretch the top of the interval past _T_MAX: φ falls
 # to 0 at 3, and a rounding error that pushes an eigenvalue there would stall it for good.
-# With _T_MAX = 2.5 the small end grows x5.6 per step; measured step counts to |y - 1| <= 1e-4
+# With _T_MAX = 2.5 the small end grows x5.6 per step; step counts to |y - 1| <= 1e-4
 # (3 matmuls each): s_max/c = 10: 5 (Newton 9), 100: 8 (Newton 15), 1e4: 13 (Newton 26).
 _T_MAX = 2.5
 

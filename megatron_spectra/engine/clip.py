@@ -1,0 +1,329 @@
+"""Soft spectral clipping of tensors that live in pieces across processes.
+
+    clipper = ShardedClipper(group, ClipNumerics("accurate"))
+    outputs = clipper.clip(local_pieces, placements, thresholds, names)
+
+Every process passes its local piece of every tensor (the same tensors, in the same order,
+with their `Placement`), and gets back its piece of H_c(full tensor): each full matrix is
+clipped once (by its owner, or by the holders of its lines with one Gram all-reduce), never
+on every process. Per call: a 4-int all-gather to check that the processes agree, one
+all-to-all to the compute layout, the clips (same-shape owner matrices batched), one
+all-reduce for all Gram matrices (one per stage in accurate mode's rare multi-stage case),
+one for all vector norms, and one all-to-all back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..ops.soft_clip import ClipNumerics, Reducer, clip_vector, clip_wide
+from .agreement import LayoutMismatch, encode, fingerprint, gather_fingerprints, gather_layouts, remote_placements
+from .exchange import Exchange
+from .placement import Placement
+from .plan import Plan, TensorPlan, build_plan
+
+
+class NonFiniteInput(ValueError):
+    """Raised on every process when any process passes inf/NaN to the engine."""
+
+
+@dataclass
+class ClipStats:
+    """What one call cost this process: elements are fp32 (4 bytes)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    allreduce_bytes: int = 0  # payload of the Gram and norm all-reduces
+    clip_flops: float = 0.0  # matmul FLOPs of the clips computed here (with count_flops)
+    seconds: float = 0.0
+    strategies: dict[str, int] = field(default_factory=dict)
+
+
+class GroupReducer(Reducer):
+    """Sums (maxes) many tensors with one all-reduce over a flat buffer."""
+
+    def __init__(self, group, stats: ClipStats):
+        self.group, self.stats = group, stats
+
+    def sum_(self, tensors):
+        self._reduce(tensors, dist.ReduceOp.SUM)
+
+    def max_(self, tensors):
+        self._reduce(tensors, dist.ReduceOp.MAX)
+
+    def _reduce(self, tensors, op):
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        self.stats.allreduce_bytes += 4 * flat.numel()
+        dist.all_reduce(flat, op=op, group=self.group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class ShardedClipper:
+    """Clips sharded tensors; caches the plan for as long as the layout stays the same."""
+
+    def __init__(self, group=None, numerics: ClipNumerics = ClipNumerics(), count_flops: bool = False):
+        self.group, self.numerics, self.count_flops = group, numerics, count_flops
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self._key, self._plan, self._exchanges = None, None, None
+        self.stats = ClipStats()
+
+    def clip(
+        self,
+        tensors: Sequence[torch.Tensor],
+        placements: Sequence[Placement],
+        thresholds: float | Sequence[float],
+        names: Sequence[str] | None = None,
+    ) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        names = list(names) if names is not None else [f"tensor{i}" for i in range(len(tensors))]
+        thresholds = [float(thresholds)] * len(tensors) if isinstance(thresholds, (int, float)) else list(thresholds)
+        if not len(tensors) == len(placements) == len(names) == len(thresholds):
+            raise ValueError("clip needs one placement, name and threshold per tensor")
+        for t, p, n in zip(tensors, placements, names):
+            if t.numel() != p.local_numel:
+                raise ValueError(f"{n!r}: local piece has {t.numel()} elements, its placement says {p.local_numel}")
+        self.stats = ClipStats()
+        device = tensors[0].device if tensors else torch.device("cpu")
+        local = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0, device=device)
+        finite = bool(torch.isfinite(local).all())
+        plan = self._plan_for(placements, names, thresholds, finite, device)
+        forward, backward = self._exchanges
+        workspace = forward.run(local, self.group)
+        self._compute(workspace, plan, thresholds)
+        result = backward.run(workspace, self.group)
+        self.stats.bytes_sent = 4 * (forward.elements_sent + backward.elements_sent)
+        self.stats.bytes_received = 4 * (forward.elements_received + backward.elements_received)
+        self.stats.seconds = time.perf_counter() - start
+        outs, offset = [], 0
+        for t in tensors:
+            outs.append(result[offset : offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+        return outs
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_for(self, placements, names, thresholds, finite: bool, device) -> Plan:
+        encoded = encode(placements, names)
+        if self.world == 1:
+            fingerprints = [tuple(fingerprint(encoded, thresholds, finite).tolist())]
+        else:
+            fingerprints = gather_fingerprints(fingerprint(encoded, thresholds, finite), self.group, self.world, device)
+        if not all(fp[3] for fp in fingerprints):
+            bad = [r for r, fp in enumerate(fingerprints) if not fp[3]]
+            raise NonFiniteInput(f"the clip engine got inf/NaN input on rank(s) {bad}; nothing was changed")
+        if len({fp[2] for fp in fingerprints}) > 1 and len({fp[1] for fp in fingerprints}) == 1:
+            raise LayoutMismatch("processes pass different clipping thresholds to the clip engine")
+        key = tuple((fp[0], fp[1]) for fp in fingerprints)
+        if key != self._key:
+            if self.world == 1:
+                layouts = [encoded]
+            else:
+                layouts = gather_layouts(encoded, fingerprints, names, self.group, self.world, device)
+            everyone = [remote_placements(placements, layout) for layout in layouts]
+            self._plan = build_plan(everyone, official_side=self.numerics.mode == "paper")
+            ws_size = self._plan.workspace_sizes[self.rank]
+            self._exchanges = (
+                Exchange.build(self._plan.forward, self.rank, self.world, ws_size),
+                Exchange.build(self._plan.backward, self.rank, self.world, self._plan.local_sizes[self.rank]),
+            )
+            self._key = key
+        return self._plan
+
+    # ------------------------------------------------------------------ compute
+
+    def _compute(self, workspace: torch.Tensor, plan: Plan, thresholds: list[float]) -> None:
+        counter = _flop_counter() if self.count_flops else None
+        with counter if counter is not None else contextlib.nullcontext():
+            owner, gram, vectors = [], [], []
+            for tp in plan.tensors:
+                region = plan.workspace_offsets[self.rank].get(tp.index)
+                if region is None:
+                    continue
+                view = workspace[region[0] : region[0] + region[1]]
+                if tp.placement.is_vector:
+                    vectors.append((view, thresholds[tp.index]))
+                elif tp.strategy == "owner":
+                    owner.extend(_owner_matrices(view, tp, thresholds[tp.index]))
+                else:
+                    gram.extend(_gram_matrices(view, tp, plan, self.rank, thresholds[tp.index]))
+                self.stats.strategies[tp.strategy] = self.stats.strategies.get(tp.strategy, 0) + 1
+            reducer = GroupReducer(self.group, self.stats) if self.world > 1 else Reducer()
+            self._clip_owned(owner)
+            _clip_and_write(gram, self.numerics, reducer, batch=False)
+            self._clip_vectors(vectors, reducer)
+        if counter is not None:
+            self.stats.clip_flops = float(counter.get_total_flops())
+
+    def _clip_owned(self, matrices) -> None:
+        """Same-shape matrices of this owner go through one batched clip."""
+        by_shape = defaultdict(list)
+        for m in matrices:
+            by_shape[tuple(m.wide_shape)].append(m)
+        for group in by_shape.values():
+            _clip_and_write(group, self.numerics, Reducer(), batch=True)
+
+    def _clip_vectors(self, vectors, reducer: Reducer) -> None:
+        if not vectors:
+            return
+        sumsq = torch.stack([v.double().square().sum() if v.numel() else v.new_zeros((), dtype=torch.float64) for v, _ in vectors])
+        reducer.sum_([sumsq])
+        for (v, c), s in zip(vectors, sumsq.sqrt()):
+            v.copy_(clip_vector(v, c, self.numerics, s.float()) if c > 0 else torch.zeros_like(v))
+
+
+# ----------------------------------------------------------------------------- matrices
+
+
+@dataclass
+class _Matrix:
+    """A matrix to clip, in wide orientation, and how to write its result back."""
+
+    wide: torch.Tensor  # (k, n) view or copy
+    threshold: float
+    write: Callable[[torch.Tensor], None]  # puts the (wide) result where it belongs
+
+    @property
+    def wide_shape(self):
+        return self.wide.shape
+
+
+def _clip_and_write(matrices: list[_Matrix], numerics: ClipNumerics, reducer: Reducer, batch: bool) -> None:
+    live = [m for m in matrices if m.threshold > 0]
+    for m in matrices:
+        if m.threshold <= 0:  # the end of a wsd-sqrt schedule: H_c -> 0 as c -> 0
+            m.write(torch.zeros_like(m.wide))
+    if not live:
+        return
+    if batch and len(live) > 1:
+        (out,) = clip_wide([torch.stack([m.wide for m in live])], [[m.threshold for m in live]], numerics)
+        results = list(out)
+    else:
+        results = clip_wide([m.wide for m in live], [m.threshold for m in live], numerics, reducer)
+    for m, r in zip(live, results):
+        m.write(r)
+
+
+def _owner_matrices(region: torch.Tensor, tp: TensorPlan, c: float) -> list[_Matrix]:
+    """The full tensor (assembled from its TP blocks) or each of its fused parts."""
+    p = tp.placement
+    rows, cols = p.matrix_shape
+    bands = region.view(p.num_blocks, *p.block_shape)
+    full = torch.cat(list(bands), dim=1) if p.tp_dim == 1 else region.view(rows, cols)
+
+    def store():
+        if p.tp_dim == 1:
+            bands.copy_(full.view(rows, p.num_blocks, p.block_shape[1]).transpose(0, 1))
+
+    return _parts(full, p.row_parts, c, store)
+
+
+def _parts(full: torch.Tensor, row_parts, c: float, store) -> list[_Matrix]:
+    """Split `full` (rows x cols) into its fused row parts (or keep it whole) as wide matrices."""
+    if row_parts is None:
+        pieces = [(full, None)]
+    else:
+        period = sum(row_parts)
+        shaped = full.view(-1, period, full.shape[1])
+        bounds = [sum(row_parts[:j]) for j in range(len(row_parts) + 1)]
+        pieces = [(shaped[:, a:b].reshape(-1, full.shape[1]), (a, b)) for a, b in zip(bounds, bounds[1:])]
+    matrices = []
+    for piece, rows in pieces:
+        tall = piece.shape[0] > piece.shape[1]
+
+        def write(result, piece=piece, rows=rows, tall=tall):
+            result = result.mT if tall else result
+            if rows is None:
+                full.copy_(result)
+            else:
+                full.view(-1, sum(row_parts), full.shape[1])[:, rows[0] : rows[1]] = result.view(-1, rows[1] - rows[0], full.shape[1])
+            store()
+
+        matrices.append(_Matrix(piece.mT if tall else piece, c, write))
+    return matrices
+
+
+def _gram_matrices(region: torch.Tensor, tp: TensorPlan, plan: Plan, rank: int, c: float) -> list[_Matrix]:
+    """This process's lines of the tensor (or of each fused part) as a wide column block.
+
+    Rows as lines: the block is rowsᵀ (Gram cols x cols); TP bands as lines: the bands side by
+    side (Gram rows x rows). Every process returns one entry per matrix, empty or not, so the
+    Gram all-reduce lines up everywhere.
+    """
+    p = tp.placement
+    rows, cols = p.matrix_shape
+    mine = [u for u in tp.units if u.rank == rank]
+    if p.tp_dim == 1:  # whole bands
+        bands = region.view(-1, rows, p.block_shape[1])
+        local = torch.cat(list(bands), dim=1) if len(bands) else region.new_zeros(rows, 0)
+        row_ids = torch.arange(rows)
+
+        def store():
+            if len(bands):
+                bands.copy_(local.view(rows, len(bands), p.block_shape[1]).transpose(0, 1))
+
+        return _select_rows(local, row_ids, p.row_parts, c, store, lines_are_rows=False)
+    lines = region.view(-1, cols)
+    block_rows = p.block_shape[0]
+    global_rows = [torch.arange(u.start // cols, u.end // cols) + u.block * block_rows for u in mine]
+    row_ids = torch.cat(global_rows) if global_rows else torch.zeros(0, dtype=torch.long)
+    return _select_rows(lines, row_ids, p.row_parts, c, lambda: None, lines_are_rows=True)
+
+
+def _select_rows(matrix, row_ids, row_parts, c, store, lines_are_rows: bool) -> list[_Matrix]:
+    """One wide matrix per fused part: the rows of `matrix` whose global row is in the part.
+
+    lines_are_rows: `matrix` holds lines as rows (its transpose is the wide block, and parts
+    select lines); otherwise `matrix` is already wide and parts select its rows.
+    """
+    if row_parts is None:
+        selections = [None]
+    else:
+        period, bounds = sum(row_parts), [sum(row_parts[:j]) for j in range(len(row_parts) + 1)]
+        phase = row_ids % period
+        selections = [torch.nonzero((phase >= a) & (phase < b)).flatten() for a, b in zip(bounds, bounds[1:])]
+    matrices = []
+    for sel in selections:
+        block = matrix if sel is None else matrix[sel]
+
+        def write(result, sel=sel):
+            result = result.mT if lines_are_rows else result
+            if sel is None:
+                matrix.copy_(result)
+            else:
+                matrix.index_copy_(0, sel, result)
+            store()
+
+        matrices.append(_Matrix(block.mT if lines_are_rows else block, c, write))
+    return matrices
+
+
+def clip_sharded(
+    tensors: Sequence[torch.Tensor],
+    placements: Sequence[Placement],
+    thresholds: float | Sequence[float],
+    group=None,
+    numerics: ClipNumerics = ClipNumerics(),
+    names: Sequence[str] | None = None,
+) -> list[torch.Tensor]:
+    """One-off form of `ShardedClipper(group, numerics).clip(...)` (plans every call)."""
+    return ShardedClipper(group, numerics).clip(tensors, placements, thresholds, names)
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+

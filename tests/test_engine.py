@@ -1,0 +1,213 @@
+"""The distributed clip engine on CPU processes (gloo) against the single-process operator."""
+
+import random
+
+import pytest
+import torch
+
+from megatron_spectra.engine import LayoutMismatch, Placement, ShardedClipper, build_plan
+from megatron_spectra.engine.plan import matrix_parts
+from megatron_spectra.ops import ClipNumerics, soft_spectral_clip
+from megatron_spectra.testing import run_all_failures, run_distributed
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def block_of(full: torch.Tensor, p: Placement) -> torch.Tensor:
+    m = full.reshape(1, -1) if p.is_vector else full
+    rows, cols = p.block_shape
+    b = p.tp_block
+    if p.tp_dim == 0:
+        return m[b * rows : (b + 1) * rows]
+    if p.tp_dim == 1:
+        return m[:, b * cols : (b + 1) * cols]
+    return m
+
+
+def local_piece(full: torch.Tensor, p: Placement) -> torch.Tensor:
+    start, end = p.range
+    return block_of(full, p).reshape(-1)[start:end].clone()
+
+
+def random_cuts(numel: int, pieces: int, rng: random.Random, style: str) -> list[tuple[int, int]]:
+    """`pieces` contiguous ranges covering [0, numel): even, uneven mid-row, or with empties."""
+    if style == "even":
+        cuts = [numel * i // pieces for i in range(pieces + 1)]
+    elif style == "empty":  # the last ranks get nothing, as FSDP2 gives a layer with few rows
+        cuts = [min(numel, numel * i // max(1, pieces - 2)) for i in range(pieces + 1)]
+    else:
+        cuts = sorted([0, numel, *(rng.randrange(numel + 1) for _ in range(pieces - 1))])
+    return list(zip(cuts, cuts[1:]))
+
+
+def scenario(world: int, tp: int, seed: int):
+    """Tensors mixing TP on both dims, ZeRO ranges, empties, fused parts, vectors, replication."""
+    rng = random.Random(seed)
+    specs = [
+        # (name, shape, tp_dim, row_parts, range style, strategy)
+        ("qkv", (48, 16), 0, (8, 2, 2), "uneven", "auto"),
+        ("proj", (16, 16), 1, None, "uneven", "auto"),
+        ("fc1", (64, 16), 0, (16 // tp * 2, 16 // tp * 2) if tp > 1 else (32, 32), "uneven", "auto"),
+        ("fc2", (16, 32), 1, None, "even", "auto"),
+        ("embedding", (200, 8), 0, None, "uneven", "auto"),
+        ("wide", (12, 40), None, None, "empty", "auto"),
+        ("tall_gram", (60, 12), None, None, "uneven", "gram"),
+        ("tall_owner", (60, 12), 0, None, "uneven", "owner"),
+        ("square_pure_tp", (24, 24), 0, None, "whole", "auto"),
+        ("norm", (16,), None, None, "uneven", "auto"),
+        ("tp_bias", (32,), 0, None, "even", "auto"),
+        ("replicated", (20, 30), None, None, "replicated", "owner"),
+        ("tiny", (2, 3), None, None, "empty", "auto"),
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    fulls, layouts = {}, [[] for _ in range(world)]
+    names = []
+    for name, shape, tp_dim, parts, style, strategy in specs:
+        split = tp if tp_dim is not None and shape[tp_dim if len(shape) == 2 else 0] % tp == 0 else 1
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        if name == "tall_gram":  # a rank-deficient one
+            x = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64) @ torch.randn(3, shape[1], generator=gen, dtype=torch.float64)
+        if name == "embedding":  # a rank-1 spike
+            x[:, 0] += 300.0
+        fulls[name] = (x * rng.choice([0.1, 1.0, 20.0])).float()
+        names.append(name)
+        base = [Placement(shape, tp_dim if split > 1 else None, split, b, None, parts, strategy) for b in range(split)]
+        dp = world // split
+        cuts = {b: random_cuts(base[b].block_numel, dp, rng, "even" if style in ("whole", "replicated") else style) for b in range(split)}
+        for rank in range(world):
+            b, d = rank % split, rank // split
+            if style == "replicated":
+                layouts[rank].append(base[b])
+            elif style == "whole":
+                layouts[rank].append(base[b] if d == 0 else Placement(shape, base[b].tp_dim, split, b, (0, 0), parts, strategy))
+            else:
+                s, e = cuts[b][d]
+                layouts[rank].append(Placement(shape, base[b].tp_dim, split, b, (s, e), parts, strategy))
+    return names, fulls, layouts
+
+
+def reference(full: torch.Tensor, p: Placement, c: float, numerics: ClipNumerics) -> torch.Tensor:
+    kw = dict(mode=numerics.mode, ns_steps=numerics.ns_steps, fp32=numerics.fp32)
+    if p.is_vector:
+        return soft_spectral_clip(full, c, **kw)
+    if p.row_parts is None:
+        return soft_spectral_clip(full, c, **kw)
+    period = sum(p.row_parts)
+    out = full.clone().view(-1, period, full.shape[1])
+    start = 0
+    for size in p.row_parts:
+        part = out[:, start : start + size].reshape(-1, full.shape[1])
+        out[:, start : start + size] = soft_spectral_clip(part, c, **kw).view(-1, size, full.shape[1])
+        start += size
+    return out.view_as(full)
+
+
+def _engine_vs_reference(rank, world, tp, seed, mode, c):
+    numerics = ClipNumerics(mode, fp32=True)
+    names, fulls, layouts = scenario(world, tp, seed)
+    mine = layouts[rank]
+    pieces = [local_piece(fulls[n], p) for n, p in zip(names, mine)]
+    clipper = ShardedClipper(None, numerics, count_flops=True)
+    outs = clipper.clip(pieces, mine, c, names)
+    again = clipper.clip(pieces, mine, c, names)  # the cached plan gives the same answer
+    errors = {}
+    for name, p, out, out2 in zip(names, mine, outs, again):
+        want = local_piece(reference(fulls[name], p, c, numerics), p)
+        # Relative in the Frobenius norm of this piece: the engine sums Grams in another
+        # order, and fp32 rounding of a Gram perturbs the clip of an ill-conditioned matrix
+        # element-wise by up to ~eps·(s_max/c)² (1e-5 of the largest entry, measured).
+        norm = torch.linalg.vector_norm(want).item()
+        error = torch.linalg.vector_norm(out - want).item() / max(norm, 1e-30)
+        errors[name] = error / tolerance(fulls[name], c)
+        assert torch.equal(out, out2)
+    return errors, clipper.stats
+
+
+def tolerance(full: torch.Tensor, c: float) -> float:
+    """1e-5, relative to the piece's norm, up to s_max/c = 100. Beyond, any fp32 evaluation of
+    F·X loses ~eps·s_max/c to cancellation (entries ~s_max, results ~c), so two evaluations
+    that round differently (the engine sums Grams in another order) agree only to that."""
+    s_max = torch.linalg.matrix_norm(full.double().reshape(full.shape[0], -1), ord=2).item()
+    return 1e-5 * max(1.0, s_max / c / 100)
+
+
+@pytest.mark.parametrize("world, tp", [(2, 1), (2, 2), (3, 1), (4, 2), (4, 1), (8, 2), (8, 4)])
+@pytest.mark.parametrize("mode", ["accurate", "paper"])
+def test_engine_matches_single_process_clip(world, tp, mode):
+    results = run_distributed(_engine_vs_reference, world, args=(tp, 1000 * world + tp, mode, 2.0), timeout=240)
+    for rank, (errors, _) in enumerate(results):
+        for name, err in errors.items():
+            assert err <= 1.0, f"rank {rank} {name}: relative error {err:.2f} x its tolerance"
+
+
+def _mismatch(rank, world):
+    p = Placement((8, 4), tp_dim=0, tp_size=2, tp_block=rank % 2)
+    q = Placement((8, 4) if rank != 2 else (8, 6), tp_dim=0 if rank != 2 else None)
+    clipper = ShardedClipper()
+    pieces = [torch.randn(p.local_numel), torch.randn(q.local_numel)]
+    clipper.clip(pieces, [p, q], 1.0, ["w", "other"])
+
+
+def _count_mismatch(rank, world):
+    clipper = ShardedClipper()
+    n = 2 if rank else 1
+    clipper.clip([torch.randn(4)] * n, [Placement((4,))] * n, 1.0)
+
+
+@pytest.mark.parametrize("fn, match", [(_mismatch, r"'other'.*rank\(s\) \[2\]"), (_count_mismatch, "different numbers")])
+def test_a_mismatched_layout_raises_on_every_rank(fn, match):
+    import re
+
+    results = run_all_failures(fn, 4, timeout=60)
+    for ok, value in results:
+        assert not ok and re.search(match, value), value
+
+
+def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks():
+    d, ffn, vocab, layers, world = 768, 2048, 50304, 12, 8
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(3 * d, d), (d, d), (2 * ffn, d), (d, ffn)]
+    shapes.append((vocab, d))
+    # ZeRO-1 style: one flat buffer, cut evenly into 8 ranges, ignoring tensor boundaries.
+    sizes = [r * c for r, c in shapes]
+    total, offset, placements = sum(sizes), 0, [[] for _ in range(world)]
+    for (r, c), n in zip(shapes, sizes):
+        for rank in range(world):
+            lo, hi = total * rank // world, total * (rank + 1) // world
+            s, e = max(lo, offset) - offset, min(hi, offset + n) - offset
+            placements[rank].append(Placement((r, c), flat=(s, e) if s < e else (0, 0)))
+        offset += n
+    plan = build_plan(placements)
+    assert {tp.strategy for tp in plan.tensors} == {"owner", "gram"}  # embeddings by Gram
+    mean = sum(plan.loads) / world
+    assert max(plan.loads) <= 1.25 * mean, [round(x / mean, 3) for x in plan.loads]
+
+
+def test_matrix_parts_of_fused_qkv_and_fc1():
+    assert matrix_parts(Placement((48, 16), row_parts=(8, 2, 2))) == [(32, 16), (8, 16), (8, 16)]
+    assert matrix_parts(Placement((64, 16), tp_dim=0, tp_size=2, row_parts=(16, 16))) == [(32, 16), (32, 16)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(shape=(8, 6), tp_dim=1, tp_size=4), "equal blocks"),
+        (dict(shape=(8, 6), flat=(0, 49)), "outside"),
+        (dict(shape=(8, 6), row_parts=(3,)), "tile"),
+        (dict(shape=(8, 6), strategy="fast"), "strategy"),
+        (dict(shape=(2, 3, 4)), "1-D or 2-D"),
+    ],
+)
+def test_bad_placements_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Placement(**kwargs)
+
+
+def test_uncovered_elements_are_an_error():
+    with pytest.raises(ValueError, match="held by no process"):
+        build_plan([[Placement((4, 4), flat=(0, 10))], [Placement((4, 4), flat=(11, 16))]])
+
+
+def test_mismatch_exception_type_is_public():
+    assert issubclass(LayoutMismatch, ValueError)
