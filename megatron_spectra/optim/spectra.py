@@ -154,8 +154,7 @@ class Spectra(torch.optim.Optimizer):
 
     def _clipped_updates(self, entries):
         """Advance the moments and return (group, param, name, H_c(U)) for every stepped param."""
-        self.last_update_norms = {}
-        updates = []
+        stepped = []
         for group, p, name in entries:
             if group["lr"] == 0:  # official: a frozen group is not stepped at all
                 continue
@@ -167,20 +166,23 @@ class Spectra(torch.optim.Optimizer):
             c = self.schedule(self._step, group["lr"], group["peak_lr"])
             if group is self.param_groups[0]:
                 self.last_threshold = c
-            clipped = self._clip(u, c, clip_kind(p, self.apply_to, group["clip"]))
-            if self.track_update_norms and p.ndim >= 2:
-                self.last_update_norms[name] = (_spectral_norm(u), _spectral_norm(clipped))
-            updates.append((group, p, name, clipped))
-        return updates
+            stepped.append((group, p, name, u, c, clip_kind(p, self.apply_to, group["clip"])))
+        clipped = self.clip_directions([(p, name, u, c, kind) for _, p, name, u, c, kind in stepped])
+        self.last_update_norms = {}
+        if self.track_update_norms:
+            for (_, p, name, u, _, kind), out in zip(stepped, clipped):
+                if kind == "matrix":
+                    self.last_update_norms[name] = (self.spectral_norm(p, u), self.spectral_norm(p, out))
+        return [(group, p, name, out) for (group, p, name, *_), out in zip(stepped, clipped)]
 
-    def _clip(self, u: torch.Tensor, c: float, kind: str) -> torch.Tensor:
-        if kind == "none":
-            return u
-        if c <= 0:  # the end of a wsd-sqrt schedule: H_c -> 0 as c -> 0
-            return torch.zeros_like(u)
-        if kind == "vector":
-            return clip_vector(u.reshape(-1), c, self.numerics).view_as(u)
-        return _clip_matrix(u, c, self.numerics)
+    def clip_directions(self, items) -> list[torch.Tensor]:
+        """H_c of every (param, name, direction, c, kind). The one place a distributed
+        subclass changes: here every tensor is whole and clipped in this process."""
+        return [_clip_one(u, c, kind, self.numerics) for _, _, u, c, kind in items]
+
+    def spectral_norm(self, param: torch.Tensor, tensor: torch.Tensor) -> float:
+        """||tensor||_2 of a param-shaped tensor, for logging (an SVD)."""
+        return _spectral_norm(tensor)
 
     # ------------------------------------------------------------------ pre-clipping
 
@@ -206,7 +208,7 @@ class Spectra(torch.optim.Optimizer):
     def _finite_or_skip(self, tensors, names, what: str) -> bool:
         if not tensors:
             return True
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors])
+        finite = self.agree_on_finite(torch.stack([torch.isfinite(t).all() for t in tensors]))
         if bool(finite.all()):
             return True
         bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
@@ -215,6 +217,11 @@ class Spectra(torch.optim.Optimizer):
             raise NonFiniteError(f"non-finite {what} for parameter(s) {bad}{hint}; the weights were not changed")
         self.skipped_steps += 1
         return False
+
+    def agree_on_finite(self, finite: torch.Tensor) -> torch.Tensor:
+        """Per-tensor finiteness flags; a distributed subclass combines them over processes
+        so that every process raises or skips together."""
+        return finite
 
     def state_dict(self):
         sd = super().state_dict()
@@ -226,6 +233,16 @@ class Spectra(torch.optim.Optimizer):
         extra = state_dict.pop("spectra", {"step": 0, "skipped_steps": 0})
         super().load_state_dict(state_dict)
         self._step, self.skipped_steps = extra["step"], extra["skipped_steps"]
+
+
+def _clip_one(u: torch.Tensor, c: float, kind: str, numerics: ClipNumerics) -> torch.Tensor:
+    if kind == "none":
+        return u
+    if c <= 0:  # the end of a wsd-sqrt schedule: H_c -> 0 as c -> 0
+        return torch.zeros_like(u)
+    if kind == "vector":
+        return clip_vector(u.reshape(-1), c, numerics).view_as(u)
+    return _clip_matrix(u, c, numerics)
 
 
 def _clip_matrix(u: torch.Tensor, c: float, numerics: ClipNumerics) -> torch.Tensor:
