@@ -1,0 +1,188 @@
+"""SPECTRA versions of Megatron's optimizers: distributed (ZeRO-1), Float16 and FP32.
+
+Megatron keeps doing everything it does for Adam: main params, grad copies, the loss
+scaler, global-norm clipping, ZeRO sharding and the param all-gather, checkpoints. We change
+three things:
+- the inner torch optimizer is `SpectraShardOptimizer` (base direction, then eq. 2);
+- its clip step sends every direction through the engine over the group of processes that
+  hold pieces of the same matrices (TP x DP for ZeRO-1, TP otherwise), so each full matrix
+  is clipped once;
+- `prepare_grads` also skips (or refuses) a step with non-finite gradients when no loss
+  scaler does it, and applies the optional pre-clipping of gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+
+from ..engine import ShardedClipper
+from ..ops.soft_clip import ClipNumerics
+from ..optim.directions import get_base
+from ..optim.schedules import ThresholdSchedule
+from ..optim.spectra import NonFiniteError
+from .config import SpectraOptimizerConfig
+from .layouts import Entry, make_entry, param_names, row_parts
+from .shard_optimizer import SpectraShardOptimizer
+
+
+class SpectraMixin:
+    """What the three Spectra optimizers share; `_entries` says where the pieces are."""
+
+    spectra_config: SpectraOptimizerConfig
+
+    def setup_spectra(self, config: SpectraOptimizerConfig, model_chunks) -> None:
+        """Turn this (already built) Megatron optimizer into its Spectra version."""
+        self.spectra_config = config
+        self._names = param_names(model_chunks)
+        self._model_config = model_chunks[0].config
+        self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self._tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        schedule = ThresholdSchedule(
+            config.spectra_clip_threshold, config.spectra_clip_schedule, config.spectra_warmup_steps,
+            config.spectra_total_steps, config.spectra_decay_fraction,
+        )
+        self._pre_clip = ThresholdSchedule(config.spectra_pre_clip_threshold, "standard", config.spectra_warmup_steps)
+        self.init_state_fn = _init_state
+        if self.is_stub_optimizer:
+            return
+        inner = SpectraShardOptimizer(self.optimizer.param_groups, get_base(config.base), config.base_hyperparameters(), schedule)
+        self.optimizer = inner
+        self.spectra_entries = self._entries()
+        inner.scales = {e.main: e.scale for e in self.spectra_entries if e.main is not None}
+        inner.clip_fn = self._clip
+        numerics = ClipNumerics(config.spectra_mode, config.spectra_ns_steps, config.spectra_ns_fp32)
+        self._clipper = ShardedClipper(self._engine_group(), numerics)
+
+    # ------------------------------------------------------------------ per wrapper
+
+    def _entries(self) -> list[Entry]:
+        raise NotImplementedError
+
+    def _engine_group(self):
+        raise NotImplementedError
+
+    def _entry(self, model_param, main, flat=None) -> Entry:
+        c = self.spectra_config
+        if not getattr(model_param, "allreduce", True):
+            raise NotImplementedError(f"{self._names.get(model_param)}: expert-parallel parameters are not supported yet")
+        name = self._names.get(model_param, f"param{tuple(model_param.shape)}")
+        parts = row_parts(name, self._model_config, self._tp_size, c.spectra_split_qkv, c.spectra_split_fc1)
+        return make_entry(name, model_param, main, flat, self._tp_size, self._tp_rank, c.spectra_apply_to, parts, c.spectra_strategy)
+
+    # ------------------------------------------------------------------ the clip
+
+    def _clip(self, directions: dict, c: float, kinds=("matrix", "vector")) -> dict:
+        """H_c of every direction; one engine call for all of this optimizer's tensors."""
+        chosen = [e for e in self.spectra_entries if e.kind in kinds]
+        pieces = [directions[e.main] if e.main is not None else torch.zeros(0) for e in chosen]
+        device = next((p.device for p in pieces if p.numel()), torch.device("cpu"))
+        pieces = [p.reshape(-1) if p.numel() else torch.zeros(0, device=device) for p in pieces]
+        outs = self._clipper.clip(pieces, [e.placement for e in chosen], c, [e.name for e in chosen])
+        clipped = dict(directions)
+        for e, out in zip(chosen, outs):
+            if e.main is not None:
+                clipped[e.main] = out.view_as(directions[e.main])
+        return clipped
+
+    # ------------------------------------------------------------------ gradients
+
+    @torch.no_grad()
+    def prepare_grads(self) -> bool:
+        found_inf = super().prepare_grads()
+        if found_inf or getattr(self, "grad_scaler", None) is not None:  # the loss scaler checked
+            return found_inf
+        if self._nonfinite_gradients():
+            return True
+        if self.spectra_config.spectra_pre_clip and not self.is_stub_optimizer:
+            group = self.optimizer.param_groups[0]
+            c = self._pre_clip(self.optimizer.spectra_step, group["lr"], group.get("max_lr", group["lr"]))
+            grads = {e.main: e.main.grad for e in self.spectra_entries if e.main is not None and e.main.grad is not None}
+            for main, clipped in self._clip(grads, c, kinds=("matrix",)).items():
+                main.grad.copy_(clipped)
+        return False
+
+    def _nonfinite_gradients(self) -> bool:
+        """Whether any process of this optimizer has an inf/NaN gradient; all agree."""
+        bad = [e.name for e in getattr(self, "spectra_entries", []) if e.main is not None and e.main.grad is not None and not torch.isfinite(e.main.grad).all()]
+        flag = torch.tensor([float(bool(bad))])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.get_grad_stats_parallel_group())
+        if flag.item() == 0:
+            return False
+        if self.spectra_config.spectra_nonfinite == "raise":
+            where = f"parameter(s) {bad}" if bad else "a parameter on another rank"
+            raise NonFiniteError(f"non-finite gradient in {where}; the weights were not changed")
+        return True
+
+    def spectra_log(self) -> dict:
+        """Scalars for Megatron's writers (TensorBoard / W&B)."""
+        if self.is_stub_optimizer:
+            return {}
+        stats = self._clipper.stats
+        return {
+            "spectra/clip-threshold": self.optimizer.last_threshold,
+            "spectra/bytes-sent": stats.bytes_sent,
+            "spectra/clip-seconds": stats.seconds,
+        }
+
+
+def _init_state(optimizer, config=None) -> None:
+    optimizer.init_all_state()
+
+
+class SpectraDistributedOptimizer(SpectraMixin, DistributedOptimizer):
+    """ZeRO-1: each DP rank holds a flat range of every TP block; clipped over TP x DP."""
+
+    def _entries(self) -> list[Entry]:
+        entries = []
+        for buffer in self.buffers:  # buffer and bucket order are the same on every rank
+            for bucket in buffer.buckets:
+                for model_param in bucket.params_list:
+                    if model_param in self.model_param_gbuf_map:
+                        r = self._get_model_param_range_map(model_param)["param"]
+                        group, order = self.model_param_group_index_map[model_param]
+                        main = self.optimizer.param_groups[group]["params"][order]
+                        entries.append(self._entry(model_param, main, (r.start, r.end)))
+                    else:
+                        entries.append(self._entry(model_param, None, (0, 0)))
+        return entries
+
+    def _engine_group(self):
+        if self.data_parallel_group.size() != parallel_state.get_data_parallel_world_size(with_context_parallel=True):
+            raise NotImplementedError("Spectra needs one distributed-optimizer instance (num_distributed_optimizer_instances=1)")
+        return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
+class SpectraFloat16Optimizer(SpectraMixin, Float16OptimizerWithFloat16Params):
+    """bf16/fp16 without ZeRO: every DP rank holds whole TP blocks; clipped over TP."""
+
+    def _entries(self) -> list[Entry]:
+        entries = []
+        for model_group, main_group in zip(self.float16_groups, self.fp32_from_float16_groups):
+            entries += [self._entry(m, p) for m, p in zip(model_group, main_group)]
+        for group in self.fp32_from_fp32_groups:
+            entries += [self._entry(p, p) for p in group]
+        return entries
+
+    def _engine_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+
+class SpectraFP32Optimizer(SpectraMixin, FP32Optimizer):
+    """fp32 without ZeRO: the model params are the main params; clipped over TP."""
+
+    def _entries(self) -> list[Entry]:
+        return [self._entry(p, p) for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _engine_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+
+SPECTRA_CLASSES = (
+    (DistributedOptimizer, SpectraDistributedOptimizer),
+    (Float16OptimizerWithFloat16Params, SpectraFloat16Optimizer),
+    (FP32Optimizer, SpectraFP32Optimizer),
+)
