@@ -44,33 +44,11 @@ def _child(fn, rank, world_size, port, args, results, backend, threads):
 
 
 def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300.0, backend: str = "gloo", threads: int = 1):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, backend, threads), daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    out, errors = {}, []
-    try:
-        for _ in range(world_size):
-            try:
-                rank, ok, value = results.get(timeout=timeout)
-            except queue.Empty:
-                raise DistributedFailure(f"{fn.__name__} on {world_size} processes timed out after {timeout}s") from None
-            if ok:
-                out[rank] = value
-            else:
-                errors.append((rank, value))
-                break  # the others may be stuck in a collective with the failed one
-    finally:
-        for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
-            if p.is_alive():
-                p.kill()
-    if errors:
-        rank, tb = errors[0]
-        raise DistributedFailure(f"rank {rank} of {world_size} failed:\n{tb}")
-    return [out[r] for r in range(world_size)]
+    outcomes = _run(fn, world_size, args, timeout, backend, threads, stop_at_first_error=True)
+    for rank, (ok, value) in sorted(outcomes.items()):
+        if not ok:
+            raise DistributedFailure(f"rank {rank} of {world_size} failed:\n{value}")
+    return [outcomes[r][1] for r in range(world_size)]
 
 
 def run_all_failures(fn, world_size: int, args: tuple = (), timeout: float = 60.0, backend: str = "gloo"):
@@ -79,23 +57,34 @@ def run_all_failures(fn, world_size: int, args: tuple = (), timeout: float = 60.
     For tests that expect every process to raise (e.g. a layout mismatch): a process that
     hangs instead shows up as a timeout.
     """
+    outcomes = _run(fn, world_size, args, timeout, backend, 1, stop_at_first_error=False)
+    return [outcomes[r] for r in range(world_size)]
+
+
+def _run(fn, world_size, args, timeout, backend, threads, stop_at_first_error: bool) -> dict:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, backend, 1), daemon=True) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, backend, threads), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
-    out = {}
+    outcomes: dict = {}
     try:
-        for _ in range(world_size):
+        while len(outcomes) < world_size:
             try:
                 rank, ok, value = results.get(timeout=timeout)
             except queue.Empty:
-                raise DistributedFailure(f"{fn.__name__}: only {sorted(out)} of {world_size} processes finished in {timeout}s") from None
-            out[rank] = (ok, value)
+                done = sorted(outcomes)
+                raise DistributedFailure(f"{fn.__name__}: only ranks {done} of {world_size} finished within {timeout}s") from None
+            outcomes[rank] = (ok, value)
+            if not ok and stop_at_first_error:
+                break  # the others may be stuck in a collective with the failed one
     finally:
         for p in procs:
-            p.join(timeout=1)
+            p.join(timeout=5 if len(outcomes) == world_size else 0.5)
             if p.is_alive():
                 p.kill()
-    return [out[r] for r in range(world_size)]
+    return outcomes
