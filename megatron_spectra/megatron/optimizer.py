@@ -29,10 +29,13 @@ from .layouts import Entry, make_entry, param_names, row_parts
 from .shard_optimizer import SpectraShardOptimizer
 
 
-class SpectraMixin:
-    """What the three Spectra optimizers share; `_entries` says where the pieces are."""
+class _SpectraMethods:
+    """What the three Spectra optimizers share; `_entries` says where the pieces are.
 
-    spectra_config: SpectraOptimizerConfig
+    Not a base class: Python refuses to turn a built Megatron optimizer into a class with an
+    extra base (`__class__` assignment needs the same layout chain), so `_shares` copies
+    these methods into single-inheritance subclasses of Megatron's classes instead.
+    """
 
     def setup_spectra(self, config: SpectraOptimizerConfig, model_chunks) -> None:
         """Turn this (already built) Megatron optimizer into its Spectra version."""
@@ -92,7 +95,7 @@ class SpectraMixin:
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
-        found_inf = super().prepare_grads()
+        found_inf = self._megatron_class.prepare_grads(self)
         if found_inf or getattr(self, "grad_scaler", None) is not None:  # the loss scaler checked
             return found_inf
         if self._nonfinite_gradients():
@@ -133,7 +136,17 @@ def _init_state(optimizer, config=None) -> None:
     optimizer.init_all_state()
 
 
-class SpectraDistributedOptimizer(SpectraMixin, DistributedOptimizer):
+def _shares(cls):
+    """Give a single-inheritance subclass the shared Spectra methods (see _SpectraMethods)."""
+    for name, value in vars(_SpectraMethods).items():
+        if not name.startswith("__") and name not in vars(cls):
+            setattr(cls, name, value)
+    cls._megatron_class = cls.__base__
+    return cls
+
+
+@_shares
+class SpectraDistributedOptimizer(DistributedOptimizer):
     """ZeRO-1: each DP rank holds a flat range of every TP block; clipped over TP x DP."""
 
     def _entries(self) -> list[Entry]:
@@ -156,7 +169,8 @@ class SpectraDistributedOptimizer(SpectraMixin, DistributedOptimizer):
         return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
 
 
-class SpectraFloat16Optimizer(SpectraMixin, Float16OptimizerWithFloat16Params):
+@_shares
+class SpectraFloat16Optimizer(Float16OptimizerWithFloat16Params):
     """bf16/fp16 without ZeRO: every DP rank holds whole TP blocks; clipped over TP."""
 
     def _entries(self) -> list[Entry]:
@@ -171,7 +185,8 @@ class SpectraFloat16Optimizer(SpectraMixin, Float16OptimizerWithFloat16Params):
         return parallel_state.get_tensor_model_parallel_group()
 
 
-class SpectraFP32Optimizer(SpectraMixin, FP32Optimizer):
+@_shares
+class SpectraFP32Optimizer(FP32Optimizer):
     """fp32 without ZeRO: the model params are the main params; clipped over TP."""
 
     def _entries(self) -> list[Entry]:

@@ -28,8 +28,13 @@ class SpectraShardOptimizer(torch.optim.AdamW):
 
     def __init__(self, param_groups, base: Base, hyper: dict, schedule: ThresholdSchedule):
         defaults = dict(lr=1e-3, weight_decay=0.0, **hyper)
-        torch.optim.Optimizer.__init__(self, param_groups, defaults)
+        # Megatron's fp32 main shards are views of the params, which add_param_group refuses;
+        # like DistributedOptimizer does with its Adam, we take the groups as they are.
+        torch.optim.Optimizer.__init__(self, [torch.zeros(0, requires_grad=True)], defaults)
+        self.param_groups = list(param_groups)
         for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
             for key, value in hyper.items():  # the Megatron groups carry Adam's keys: ours win
                 group[key] = value
             group.setdefault("spectra_step", 0)
