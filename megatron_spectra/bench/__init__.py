@@ -1,0 +1,1 @@
+"""Benchmarks behind `spectra bench`: each module has add_parser(subparsers) and run(args)."""
