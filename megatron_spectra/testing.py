@@ -66,7 +66,7 @@ def _run(fn, world_size, args, timeout, backend, threads, stop_at_first_error: b
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, backend, threads), daemon=True)
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, backend, threads), daemon=False)  # megatron checkpointing starts processes of its own
         for r in range(world_size)
     ]
     for p in procs:

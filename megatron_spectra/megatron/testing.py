@@ -1,18 +1,33 @@
-"""A tiny LLaMA-style megatron-core GPT, the same model at any TP/PP/DP layout.
+"""Test scaffolding for megatron-core on CPU processes: a tiny LLaMA-style GPT that is the
+same model at any TP/PP/DP layout, parallel_state set-up and teardown, and a runner that
+starts a world of N gloo processes with megatron switched to CPU.
 
-Used by the tests (against the single-process reference `Spectra`) and by the main job's
-embedded default. The weights do not come from megatron's initialisation, whose random
-draws depend on which layers a pipeline stage builds, but from `full_weights`: one full
-tensor per global parameter name, drawn from a generator seeded by that name. Each rank
-then loads its TP block the way megatron cuts one (fc1 with stride 2: [gate_t; up_t]).
+    def work(rank, world, steps):            # module level: it is pickled into the children
+        model = build_model(TinyGPT(), tp=2)  # parallel_state is already initialised
+        ...
+    results = run_megatron(work, tp=2, dp=2, args=(5,))  # 4 processes, results in rank order
+
+The weights do not come from megatron's initialisation, whose random draws depend on which
+layers a pipeline stage builds, but from `full_weights`: one full tensor per global
+parameter name, drawn from a generator seeded by that name. Each rank then loads its TP
+block the way megatron cuts one (fc1 with stride 2: [gate_t; up_t]). So every rank builds
+its part of one and the same model, whatever the layout (DDP does not broadcast parameters).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..testing import DistributedFailure, free_port, run_distributed
+
+__all__ = [
+    "DistributedFailure", "TinyGPT", "batches", "build_model", "free_port", "init_parallel", "lm_forward_step",
+    "megatron_world", "run_distributed", "run_megatron", "setup_megatron", "teardown_parallel",
+]
 
 
 @dataclass(frozen=True)
@@ -26,39 +41,99 @@ class TinyGPT:
     seq: int = 16
     seed: int = 1234
 
-    def transformer_config(self, tp: int = 1, pp: int = 1, bf16: bool = False):
+    def transformer_config(self, tp: int = 1, pp: int = 1, bf16: bool = False, fp16: bool = False):
         from megatron.core.transformer import TransformerConfig
 
+        dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
         return TransformerConfig(
             num_layers=self.layers, hidden_size=self.hidden, num_attention_heads=self.heads,
             num_query_groups=self.query_groups, ffn_hidden_size=self.ffn,
             gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", layernorm_epsilon=1e-5,
             add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            use_cpu_initialization=True, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, sequence_parallel=False,
+            use_cpu_initialization=True, bf16=bf16, fp16=fp16, params_dtype=dtype,
+            pipeline_dtype=dtype, sequence_parallel=False,
         )
 
 
-def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """megatron parallel_state on the already initialised (gloo) default group."""
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, dp: int | None = None) -> None:
+    """megatron parallel_state on the already initialised (gloo) default group; DP is what is
+    left of the world (checked against `dp` if given). Seeds torch and megatron's TP RNG
+    tracker with `seed` on every rank, so megatron's own initialisation agrees across DP."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    world = torch.distributed.get_world_size()
+    if world % (tp * pp) or (dp is not None and tp * pp * dp != world):
+        raise ValueError(f"tp={tp} x pp={pp} x dp={dp} does not make a world of {world} processes")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 
-def build_model(spec: TinyGPT, tp: int = 1, pp: int = 1, bf16: bool = False):
+def teardown_parallel() -> None:
+    """Forget megatron's parallel state (its groups, memory buffer and RNG tracker states)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    get_cuda_rng_tracker().reset()
+    parallel_state.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def megatron_world(tp: int = 1, pp: int = 1, dp: int | None = None, seed: int = 1234):
+    """`init_parallel` ... `teardown_parallel`, with megatron switched to CPU meanwhile.
+    Needs the default process group (gloo) to exist already, as in `run_megatron`'s children."""
+    from .cpu import megatron_on_cpu
+
+    with megatron_on_cpu():
+        init_parallel(tp, pp, seed, dp)
+        try:
+            yield
+        finally:
+            teardown_parallel()
+
+
+def setup_megatron(tp: int = 1, pp: int = 1, dp: int | None = None, seed: int | None = None,
+                   spec: TinyGPT | None = None, bf16: bool = False, fp16: bool = False):
+    """parallel_state for tp x pp x dp, seeded, and this rank's part of the tiny GPT (the same
+    model on every rank and at every layout for one seed). `seed` overrides `spec.seed`.
+    Megatron must already be on CPU (`enable_megatron_cpu` or `megatron_world`)."""
+    from dataclasses import replace
+
+    spec = spec or TinyGPT()
+    if seed is not None:
+        spec = replace(spec, seed=seed)
+    init_parallel(tp, pp, spec.seed, dp)
+    return build_model(spec, tp, pp, bf16, fp16)
+
+
+def _megatron_child(rank: int, world: int, fn, tp: int, pp: int, seed: int, args: tuple):
+    import warnings
+
+    warnings.filterwarnings("ignore")  # megatron warns about apex/TE and deprecations on every rank
+    with megatron_world(tp, pp, world // (tp * pp), seed):
+        return fn(rank, world, *args)
+
+
+def run_megatron(fn, tp: int = 1, pp: int = 1, dp: int = 1, args: tuple = (), seed: int = 1234,
+                 timeout: float = 300.0) -> list:
+    """Run `fn(rank, world, *args)` in tp*pp*dp spawned gloo processes, each with megatron on
+    CPU and parallel_state initialised (seeded with `seed`) and torn down around the call.
+    `fn` must be importable (module level). Returns the results in rank order; a child's
+    exception is re-raised as DistributedFailure with its traceback; never waits past `timeout`."""
+    return run_distributed(_megatron_child, tp * pp * dp, args=(fn, tp, pp, seed, args), timeout=timeout)
+
+
+def build_model(spec: TinyGPT, tp: int = 1, pp: int = 1, bf16: bool = False, fp16: bool = False):
     """This rank's pipeline stage of the GPT (same weights at every layout for one seed)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     torch.manual_seed(spec.seed)
-    config = spec.transformer_config(tp, pp, bf16)
+    config = spec.transformer_config(tp, pp, bf16, fp16)
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
@@ -70,7 +145,22 @@ def build_model(spec: TinyGPT, tp: int = 1, pp: int = 1, bf16: bool = False):
         position_embedding_type="rope",
     )
     load_full_weights(model, spec, tp, pp)
-    return model.to(torch.bfloat16) if bf16 else model
+    return model.to(config.params_dtype)
+
+
+def lm_forward_step(data_iterator, model):
+    """A `forward_step_func` for megatron's pipeline schedules: next-token loss on a batch of
+    (micro_batch, seq + 1) tokens, as in `batches`."""
+    tokens = next(data_iterator)
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+    output = model(inputs, positions, None, labels=labels)
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        return loss, {"lm loss": loss.detach()}
+
+    return output, loss_func
 
 
 def global_name(name: str, spec: TinyGPT, pp: int) -> str:
