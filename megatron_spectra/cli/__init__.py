@@ -1,0 +1,1 @@
+"""The `spectra` console command (`main.py`)."""
