@@ -11,6 +11,11 @@
 - `training.get_megatron_optimizer`: routes spectra names to our factory;
 - `training.training_log`: adds the spectra scalars to TensorBoard / W&B.
 
+With `--spectra-cpu` on the command line (a machine without a GPU: tests, smoke runs) it
+also switches megatron-core to CPU (`cpu.enable_megatron_cpu`, which refuses where CUDA is
+available), lets `initialize_megatron` run without CUDA and makes gloo the backend. The flag
+is read from `sys.argv` at install, because Megatron-LM asserts CUDA before it parses args.
+
 Two ways in: the patch in `patches/` adds `import megatron_spectra.megatron.lm` to
 pretrain_gpt.py (importing this module installs), or, with no edit, run
 `torchrun ... -m megatron_spectra.run pretrain_gpt.py <args>`.
@@ -19,8 +24,11 @@ pretrain_gpt.py (importing this module installs), or, with no edit, run
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 from .config import OPTIMIZERS, SpectraOptimizerConfig
+from .scalars import write_spectra_scalars
 
 _ORIGINALS: dict = {}
 _LIVE_OPTIMIZERS: list = []
@@ -51,6 +59,7 @@ def add_spectra_arguments(parser):
     group.add_argument("--spectra-ademamix-beta3", type=float, default=0.999)
     group.add_argument("--spectra-ademamix-alpha", type=float, default=8.0)
     group.add_argument("--spectra-ademamix-warmup", type=int, default=None)
+    group.add_argument("--spectra-cpu", action="store_true", help="run megatron on CPU under gloo (no GPU machines only)")
     return parser
 
 
@@ -97,6 +106,7 @@ def install() -> None:
                 return original(config, model_chunks, *a, **kw)
             optimizer = factory.get_megatron_optimizer(config, model_chunks, *a, **kw)
             _LIVE_OPTIMIZERS[:] = [optimizer]
+            _announce(config, optimizer)
             return optimizer
 
         return get_megatron_optimizer
@@ -104,11 +114,32 @@ def install() -> None:
     _patch(training, "get_megatron_optimizer_config", config_from_args)
     _patch(training, "get_megatron_optimizer", optimizer_factory)
     _patch(training, "training_log", _log_spectra_scalars)
+    if "--spectra-cpu" in sys.argv:
+        _switch_to_cpu(training)
+
+
+def _announce(config, optimizer) -> None:
+    """One line on rank 0 naming what was built (Megatron's own log of the config says
+    'adam': its factory is what builds our optimizer's skeleton)."""
+    from megatron.training.utils import print_rank_0
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    kinds = ", ".join(type(p).__name__ for p in parts)
+    print_rank_0(
+        f"> megatron-spectra: {config.optimizer} [{kinds}] clip threshold {config.spectra_clip_threshold} "
+        f"({config.spectra_clip_schedule}), mode {config.spectra_mode}, strategy {config.spectra_strategy}, "
+        f"distributed optimizer {'on' if config.use_distributed_optimizer else 'off'}"
+    )
 
 
 def uninstall() -> None:
     for (module, name), original in _ORIGINALS.items():
-        setattr(module, name, original)
+        if module == "cpu":
+            from .cpu import disable_megatron_cpu
+
+            disable_megatron_cpu()
+        else:
+            setattr(module, name, original)
     _ORIGINALS.clear()
 
 
@@ -118,9 +149,65 @@ def _patch(module, name: str, wrap) -> None:
     setattr(module, name, wrap(original))
 
 
+def _switch_to_cpu(training) -> None:
+    from .cpu import enable_megatron_cpu
+
+    enable_megatron_cpu()  # raises on a machine with CUDA: megatron would silently leave the GPU idle
+    # validate_args insists on it with TP on pre-Blackwell devices (our stand-in is 0.0);
+    # it only orders CUDA kernel queues, so on CPU it changes nothing.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _ORIGINALS[("cpu", "enable_megatron_cpu")] = None  # uninstall() switches it off again
+
+    def no_cuda(original):
+        def initialize_megatron(*args, **kwargs):
+            kwargs["allow_no_cuda"] = True
+            return original(*args, **kwargs)
+
+        return initialize_megatron
+
+    _patch(training, "initialize_megatron", no_cuda)
+    # The warm-up compiles Megatron's CUDA fusions for GPU shapes (inductor, minutes on CPU).
+    _patch(training, "set_jit_fusion_options", lambda original: lambda *args, **kwargs: None)
+    import megatron.training.arguments as arguments
+    import megatron.training.initialize as initialize
+
+    # validate_args asks the GPU's architecture; a CPU is "pre-Blackwell" (then it wants
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 with TP, set above).
+    _patch(arguments, "get_device_arch_version", lambda original: lambda: 0)
+
+    for name in ("_initialize_distributed", "_set_random_seed"):
+        _patch(initialize, name, _one_device)
+    try:  # core_r0.16 only: CUDA extensions built with nvcc; the CPU path uses none of them
+        import megatron.legacy.fused_kernels as fused_kernels
+
+        _patch(fused_kernels, "load", lambda original: lambda *args, **kwargs: None)
+    except ImportError:
+        pass
+
+
+def _one_device(original):
+    """_initialize_distributed sets up megatron's model-parallel groups, and _set_random_seed
+    seeds the TP RNG tracker, only when `torch.cuda.device_count() > 0`; for these calls the
+    CPU counts as one device (the set_device and CUDA seeding they do are redirected by cpu.py)."""
+
+    def one_device(*args, **kwargs):
+        import torch
+
+        count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = count
+
+    return one_device
+
+
 def _validate_as_adam(original):
     def validate_args(args, defaults={}):
         name = args.optimizer
+        if getattr(args, "spectra_cpu", False):
+            args.distributed_backend = "gloo"
         if name in OPTIMIZERS:
             args.optimizer = "adam"
         try:
@@ -142,32 +229,18 @@ def _log_spectra_scalars(original):
 
 
 def _write_scalars(iteration) -> None:
+    """After Megatron-LM's own training_log, at its TensorBoard interval, through its writers
+    (which exist on the last rank only, as for every other scalar Megatron logs)."""
     if not _LIVE_OPTIMIZERS or iteration is None:
         return
     from megatron.training import get_args
     from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
 
-    args = get_args()
-    if iteration % max(getattr(args, "tensorboard_log_interval", 1), 1):
+    if iteration % max(getattr(get_args(), "tensorboard_log_interval", 1), 1):
         return
-    scalars = spectra_scalars(_LIVE_OPTIMIZERS[0])
-    writer, wandb = get_tensorboard_writer(), get_wandb_writer()
-    for key, value in scalars.items():
-        if writer is not None:
-            writer.add_scalar(key, value, iteration)
-    if wandb is not None and scalars:
-        wandb.log(scalars, iteration)
-
-
-def spectra_scalars(optimizer) -> dict:
-    """The spectra scalars of every Spectra part of a (chained) Megatron optimizer."""
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    scalars = {}
-    for i, part in enumerate(parts):
-        if hasattr(part, "spectra_log"):
-            suffix = "" if len(parts) == 1 else f"/{i}"
-            scalars.update({k + suffix: v for k, v in part.spectra_log().items()})
-    return scalars
+    tensorboard, wandb = get_tensorboard_writer(), get_wandb_writer()
+    if tensorboard is not None or wandb is not None:
+        write_spectra_scalars(_LIVE_OPTIMIZERS[0], iteration, tensorboard, wandb)
 
 
 install()

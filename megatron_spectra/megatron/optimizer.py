@@ -27,6 +27,7 @@ from ..optim.spectra import NonFiniteError
 from .config import SpectraOptimizerConfig
 from .layouts import Entry, make_entry, param_names, row_parts
 from .shard_optimizer import SpectraShardOptimizer
+from .update_norms import update_norms
 
 
 class _SpectraMethods:
@@ -56,7 +57,7 @@ class _SpectraMethods:
         self.optimizer = inner
         self.spectra_entries = self._entries()
         inner.scales = {e.main: e.scale for e in self.spectra_entries if e.main is not None}
-        inner.clip_fn = self._clip
+        inner.clip_fn = self._clip_and_measure if config.spectra_log_update_norms else self._clip
         numerics = ClipNumerics(config.spectra_mode, config.spectra_ns_steps, config.spectra_ns_fp32)
         self._clipper = ShardedClipper(self._engine_group(), numerics)
 
@@ -89,6 +90,12 @@ class _SpectraMethods:
         for e, out in zip(chosen, outs):
             if e.main is not None:
                 clipped[e.main] = out.view_as(directions[e.main])
+        return clipped
+
+    def _clip_and_measure(self, directions: dict, c: float) -> dict:
+        """The update clip, with the spectral norms before and after kept for spectra_log."""
+        clipped = self._clip(directions, c)
+        self.spectra_update_norms = update_norms(self.spectra_entries, directions, clipped, self._clipper.group, self._tp_rank)
         return clipped
 
     # ------------------------------------------------------------------ gradients
@@ -129,6 +136,7 @@ class _SpectraMethods:
             "spectra/clip-threshold": self.optimizer.last_threshold,
             "spectra/bytes-sent": stats.bytes_sent,
             "spectra/clip-seconds": stats.seconds,
+            **getattr(self, "spectra_update_norms", {}),
         }
 
 
