@@ -12,7 +12,10 @@ import argparse
 import importlib
 
 BENCHMARKS = ("clip", "engine")  # megatron_spectra.bench.<name>: `spectra bench <name>`
-COMMANDS: tuple[str, ...] = ()  # full module paths of top-level commands, e.g. "megatron_spectra.cli.demo"
+COMMANDS: tuple[str, ...] = (  # full module paths of top-level commands, e.g. "megatron_spectra.cli.demo"
+    "megatron_spectra.cli.launch",
+    "megatron_spectra.cli.sweep",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,258 @@
+"""Loading a launch config: `base:` inheritance, ${ENV} placeholders, validation once.
+
+    config = load_config("configs/780m-deep/spectra-adamw.yaml")
+    config["training"]["lr"]; config.run_dir; layout(config).grad_accum
+
+Every error is a ConfigError that names the offending key (`training.global_batch_size`)
+and the file it came from. After `load_config` the data is complete (defaults filled in)
+and every later step (command line, sbatch script) is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .schema import ANY, REQUIRED, SECTIONS, SPECTRA, SUPPORTED, TOP, Key
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str, source: str | None = None):
+        self.key = key
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {message}")
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; learning rates are written that way."""
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def read_yaml(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.load(f, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    if not isinstance(data, dict):
+        raise ConfigError("<file>", "a config is a mapping of sections", str(path))
+    return data
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_bases(path: str | Path, _seen: tuple = ()) -> dict:
+    """The file's data merged over its `base:` chain (paths relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError("base", f"inheritance cycle through {path}", str(_seen[0]))
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError("base", "must be a path or a list of paths", str(path))
+    merged: dict = {}
+    for b in bases:
+        target = (path.parent / b).resolve()
+        if not target.is_file():
+            raise ConfigError("base", f"no such file {target}", str(path))
+        merged = merge(merged, resolve_bases(target, _seen + (path,)))
+    return merge(merged, data)
+
+
+def set_dotted(data: dict, dotted: str, value) -> dict:
+    """A copy of data with `a.b.c` set (sweeps and --set override keys this way)."""
+    out = copy.deepcopy(data)
+    node = out
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"{part} is not a section")
+    node[last] = value
+    return out
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+
+
+def expand_env(value, key: str, env: dict):
+    """${VAR} and ${VAR:-default} inside strings, recursively; an unset VAR without a
+    default is an error naming the key."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{key}.{k}" if key else k, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{key}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(match):
+        name, default = match.group(1), match.group(3)
+        if name in env and env[name] != "":
+            return env[name]
+        if match.group(2) is not None:
+            return default
+        raise ConfigError(key, f"environment variable {name} is not set")
+
+    return _ENV.sub(sub, value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated, complete config data plus where it came from."""
+
+    data: dict
+    source: str = "<dict>"
+
+    def __getitem__(self, section: str):
+        return self.data[section]
+
+    def get(self, dotted: str):
+        node = self.data
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.data["output"]["root"]).absolute() / self.name  # sbatch scripts run from anywhere
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        root = self.data["output"]["checkpoint_root"]
+        return Path(root).absolute() / self.name if root else self.run_dir / "checkpoints"
+
+
+def load_config(path: str | Path, overrides: dict | None = None, env: dict | None = None) -> Config:
+    data = resolve_bases(path)
+    for dotted, value in (overrides or {}).items():
+        data = set_dotted(data, dotted, value)
+    return validate(data, env=os.environ if env is None else env, source=str(path))
+
+
+def validate(raw: dict, env: dict | None = None, source: str = "<dict>") -> Config:
+    """Check every key against the schema, fill defaults, expand ${ENV}, check the layout."""
+    try:
+        data = _check_sections(expand_env(raw, "", dict(os.environ if env is None else env)))
+        from .layout import check_layout
+
+        check_layout(data)
+        _check_builtin(data)
+    except ConfigError as e:
+        if source != "<dict>" and not str(e).startswith(source):
+            raise ConfigError(e.key, str(e).split(": ", 1)[1], source) from None
+        raise
+    return Config(data, source)
+
+
+def _check_sections(raw: dict) -> dict:
+    data = {}
+    for key in raw:
+        if key not in TOP and key not in SECTIONS:
+            raise ConfigError(key, f"unknown key; top-level keys are {sorted(TOP)}, sections are {sorted(SECTIONS)}")
+    data.update(_check_keys({k: v for k, v in raw.items() if k in TOP}, TOP, prefix=""))
+    for section, keys in SECTIONS.items():
+        value = raw.get(section, {}) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(section, f"must be a mapping, got {type(value).__name__}")
+        data[section] = _check_keys(value, keys, prefix=f"{section}.")
+    spectra = data["optimizer"]["spectra"]
+    data["optimizer"]["spectra"] = _check_keys(spectra, SPECTRA, prefix="optimizer.spectra.")
+    if spectra and not data["optimizer"]["name"].startswith("spectra-"):
+        raise ConfigError("optimizer.spectra", f"only for spectra-* optimizers, not {data['optimizer']['name']}")
+    return data
+
+
+def _check_keys(values: dict, keys: dict, prefix: str) -> dict:
+    for key in values:
+        if key not in keys:
+            close = [k for k in keys if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else f"; known: {', '.join(keys)}"
+            raise ConfigError(prefix + key, f"unknown key{hint}")
+    out = {}
+    for key, spec in keys.items():
+        if key in values:
+            out[key] = _check_value(prefix + key, values[key], spec)
+        elif spec.default is REQUIRED:
+            raise ConfigError(prefix + key, "required")
+        else:
+            out[key] = copy.deepcopy(spec.default)
+    return out
+
+
+def _check_value(key: str, value, spec: Key):
+    allowed = spec.type
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ConfigError(key, f"expected {names}, got {type(value).__name__} {value!r}")
+    if spec.choices and value is not None and value not in spec.choices:
+        raise ConfigError(key, f"{value!r} is not one of {list(spec.choices)}")
+    if isinstance(value, float) and int in allowed and float not in allowed:
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, "expected a list of strings")
+    if isinstance(value, dict) and key != "optimizer.spectra":
+        for k, v in value.items():
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{key}.{k}", f"expected a string or number, got {v!r}")
+    return float(value) if float in allowed and isinstance(value, int) else value
+
+
+def _check_builtin(data: dict) -> None:
+    """The builtin trainer has no flag for some keys: refuse values it would not honour."""
+    if data["entry"] != "builtin":
+        return
+    for section, keys in SECTIONS.items():
+        for key, spec in keys.items():
+            if spec.builtin in (SUPPORTED, ANY):
+                continue
+            if data[section][key] != spec.builtin:
+                raise ConfigError(
+                    f"{section}.{key}",
+                    f"the builtin trainer does not support {data[section][key]!r} (it always uses {spec.builtin!r}); use entry: megatron-lm",
+                )
+
+
+def check_paths(config: Config) -> list[ConfigError]:
+    """Files the run reads, each missing one as an error naming its key (not raised: a dry
+    run on a machine without the data still shows the command)."""
+    errors = []
+    data = config.data
+    prefix = data["data"]["path"]
+    if prefix and not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
+        errors.append(ConfigError("data.path", f"no {prefix}.bin / {prefix}.idx (a Megatron indexed dataset prefix)", config.source))
+    if data["entry"] == "megatron-lm":
+        for key in ("vocab_file", "merge_file"):
+            value = data["data"][key]
+            if data["data"]["tokenizer_type"] == "GPT2BPETokenizer" and not value:
+                errors.append(ConfigError(f"data.{key}", "required by GPT2BPETokenizer (set it or its ${...} variable)", config.source))
+            elif value and not Path(value).is_file():
+                errors.append(ConfigError(f"data.{key}", f"no such file {value}", config.source))
+        mlm = data["megatron"]["path"]
+        if not mlm:
+            errors.append(ConfigError("megatron.path", "not set: point it (or $MEGATRON_LM) at a Megatron-LM checkout", config.source))
+        elif not (Path(mlm) / "pretrain_gpt.py").is_file():
+            errors.append(ConfigError("megatron.path", f"no pretrain_gpt.py in {mlm}", config.source))
+    return errors
+

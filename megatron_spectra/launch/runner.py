@@ -1,0 +1,130 @@
+"""Starting runs and telling where they stand. Every run has its own folder:
+
+    <output.root>/<name>/
+        config.yaml        the validated config (defaults filled, ${ENV} expanded)
+        command.txt        the exact command line
+        job.sh             SLURM: what runs inside the allocation; launch.sbatch: what was submitted
+        logs/train.log     stdout + stderr of every attempt (appended)
+        exit_code          written when an attempt ends; absent while running
+        slurm_job_id       SLURM: the last submitted job
+        checkpoints/ tensorboard/
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .command import shell_join, to_command
+from .config import Config
+from .logs import parse_logs
+from .slurm import render_job, render_sbatch
+
+COMPLETED, FAILED, UNFINISHED, SUBMITTED, NOT_STARTED = "completed", "failed", "unfinished", "submitted", "not started"
+
+
+def prepare(config: Config, where: str) -> Path:
+    run_dir = config.run_dir
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.data, sort_keys=False))
+    (run_dir / "command.txt").write_text(shell_join(to_command(config, where)) + "\n")
+    if where == "slurm":
+        (run_dir / "job.sh").write_text(render_job(config))
+        (run_dir / "launch.sbatch").write_text(render_sbatch(config))
+    return run_dir
+
+
+def run_local(config: Config, stream=None) -> int:
+    """torchrun on this machine; output goes to the terminal and to logs/train.log."""
+    run_dir = prepare(config, "local")
+    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "exit_code").unlink(missing_ok=True)
+    stream = stream or sys.stdout
+    with open(run_dir / "logs" / "train.log", "a", encoding="utf-8") as log:
+        proc = subprocess.Popen(to_command(config, "local"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            stream.write(line)
+        rc = proc.wait()
+    (run_dir / "exit_code").write_text(f"{rc}\n")
+    return rc
+
+
+def sbatch(script: Path) -> str:
+    """Submit; the job id. Raises with sbatch's own message when it refuses."""
+    try:
+        out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError("sbatch not found: run this on a SLURM login node, or use --local") from None
+    if out.returncode:
+        raise RuntimeError(f"sbatch {script} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def submit(config: Config) -> str:
+    run_dir = prepare(config, "slurm")
+    (run_dir / "exit_code").unlink(missing_ok=True)
+    job = sbatch(run_dir / "launch.sbatch")
+    (run_dir / "slurm_job_id").write_text(job + "\n")
+    return job
+
+
+def run_state(run_dir: Path, train_iters: int | None = None) -> str:
+    """completed: exited 0 having reached train_iters (when the log says how far it got);
+    failed: exited non-zero; unfinished: exited 0 early, or started and still going;
+    submitted: queued on SLURM, no log yet."""
+    run_dir = Path(run_dir)
+    logs = sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []
+    code_file = run_dir / "exit_code"
+    if code_file.is_file():
+        code = code_file.read_text().strip()
+        if code != "0":
+            return FAILED
+        log = parse_logs(logs) if logs else None
+        target = train_iters or (log.train_iters if log else None)
+        if log and log.last_iteration and target and log.last_iteration < target:
+            return UNFINISHED
+        return COMPLETED
+    if any(p.stat().st_size for p in logs):
+        return UNFINISHED
+    if (run_dir / "slurm_job_id").is_file():
+        return SUBMITTED
+    return NOT_STARTED
+
+
+def write_listing(sweep) -> Path:
+    """sweep folder/runs.txt: every run, so collection lists the ones that never started."""
+    sweep.dir.mkdir(parents=True, exist_ok=True)
+    (sweep.dir / "logs").mkdir(exist_ok=True)
+    (sweep.dir / "runs.txt").write_text("".join(f"{r.name}\n" for r in sweep.runs))
+    return sweep.dir
+
+
+def pending_runs(sweep) -> list[int]:
+    """Indices of the runs to (re)start: all but the completed ones."""
+    return [i for i, r in enumerate(sweep.runs) if run_state(r.config.run_dir, r.config["training"]["train_iters"]) != COMPLETED]
+
+
+def submit_sweep(sweep, indices: list[int]) -> str:
+    from .slurm import render_array
+
+    write_listing(sweep)
+    configs = [r.config for r in sweep.runs]
+    script = sweep.dir / "array.sbatch"
+    script.write_text(render_array(configs, sweep.dir, indices, f"spectra-{sweep.name}"))
+    for i in indices:
+        prepare(configs[i], "slurm")
+        (configs[i].run_dir / "exit_code").unlink(missing_ok=True)
+    job = sbatch(script)
+    for i in indices:
+        (configs[i].run_dir / "slurm_job_id").write_text(f"{job}_{i}\n")
+    return job
+
+
+def run_sweep_local(sweep, indices: list[int], stream=None) -> dict:
+    """One run after another on this machine; a failed run does not stop the others."""
+    write_listing(sweep)
+    return {sweep.runs[i].name: run_local(sweep.runs[i].config, stream) for i in indices}
