@@ -1,0 +1,175 @@
+"""Spectra inside a real Megatron-LM checkout: pretrain_gpt.py end to end, both ways in.
+
+Runs only with MEGATRON_LM_PATH naming a checkout (Megatron-LM is not on PyPI):
+
+    MEGATRON_LM_PATH=/path/to/Megatron-LM pytest tests/megatron/test_megatron_lm.py
+
+- the zero-edit runner: `torchrun --nproc-per-node 4 -m megatron_spectra.run pretrain_gpt.py`;
+- the patched checkout: patches/apply.sh on a copy, then `torchrun pretrain_gpt.py`;
+- apply.sh on pretrain_gpt.py of every release tag core_v0.16.1 .. core_v0.19.0 the
+  checkout's git knows.
+
+A tiny LLaMA-style GPT (TP=2 x DP=2, distributed optimizer, mock data) trains for a few
+iterations on CPU processes (`--spectra-cpu`, gloo). Megatron-LM itself needs triton and
+pybind11 (it compiles its dataset helpers with `python3 -m pybind11`). Its releases from
+0.18 on target Python 3.12; on 3.11 the one 3.12 feature on this path, `typing.override` (a
+no-op decorator), is supplied by a sitecustomize in the test's PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
+needs_checkout = pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout")
+
+REPO = Path(__file__).resolve().parents[2]
+APPLY = REPO / "patches" / "apply.sh"
+ITERS, C = 8, 10.0
+MODEL_ARGS = [
+    "--optimizer", "spectra-adamw", "--spectra-clip-threshold", str(C), "--use-distributed-optimizer",
+    "--tensor-model-parallel-size", "2", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+    "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
+    "--train-iters", str(ITERS), "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2",
+    "--lr-decay-style", "cosine", "--weight-decay", "0.1", "--clip-grad", "1.0",
+    "--transformer-impl", "local", "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+    "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
+    "--hidden-dropout", "0", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+    "--use-cpu-initialization", "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000",
+    "--seed", "1234", "--split", "100,0,0",
+]
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+)")
+
+
+def _requirements():
+    import importlib.util
+    import torch
+
+    missing = [m for m in ("triton", "pybind11") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"Megatron-LM needs {', '.join(missing)} (pip install {' '.join(missing)})")
+    if torch.cuda.is_available():
+        pytest.skip("these runs are for CPU machines (--spectra-cpu refuses where CUDA is available)")
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    # Megatron-LM builds its dataset helpers with `make`, which calls `python3`: make it ours.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    paths = [str(REPO)]
+    if sys.version_info < (3, 12):
+        shim = tmp / "py312"
+        shim.mkdir(exist_ok=True)
+        (shim / "sitecustomize.py").write_text(
+            "import typing\nif not hasattr(typing, 'override'):\n    typing.override = lambda f: f\n"
+        )
+        paths.insert(0, str(shim))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    return env
+
+
+def _torchrun(cwd: Path, script_args: list[str], tmp: Path, timeout: float = 900) -> dict:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+               "--master-port", str(_free_port()), *script_args, *MODEL_ARGS, "--spectra-cpu",
+               "--spectra-log-update-norms", "--tensorboard-dir", str(tmp / "tensorboard")]
+    done = subprocess.run(command, cwd=cwd, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    (tmp / "output.txt").write_text(output)
+    losses = {int(i): float(loss) for i, loss in ITERATION.findall(output)}
+    return {"rc": done.returncode, "output": output, "losses": losses, "tensorboard": tmp / "tensorboard"}
+
+
+def _free_port() -> int:
+    from megatron_spectra.testing import free_port
+
+    return free_port()
+
+
+def _check_run(run: dict) -> None:
+    tail = run["output"][-4000:]
+    assert run["rc"] == 0, tail
+    assert sorted(run["losses"]) == list(range(1, ITERS + 1)), tail  # every iteration, to the end
+    assert run["losses"][ITERS] < 0.8 * run["losses"][1], run["losses"]
+    announced = re.findall(r"> megatron-spectra: (.*)", run["output"])
+    assert len(announced) == 1, tail  # rank 0 only
+    assert announced[0].startswith(f"spectra-adamw [SpectraDistributedOptimizer] clip threshold {C}")
+    assert announced[0].endswith("distributed optimizer on")
+
+
+@pytest.fixture(scope="module")
+def runner_run(tmp_path_factory):
+    _requirements()
+    tmp = tmp_path_factory.mktemp("runner")
+    return _torchrun(Path(MEGATRON_LM), ["-m", "megatron_spectra.run", str(Path(MEGATRON_LM) / "pretrain_gpt.py")], tmp)
+
+
+@needs_checkout
+def test_runner_trains_with_spectra_and_the_distributed_optimizer(runner_run):
+    _check_run(runner_run)
+
+
+@needs_checkout
+def test_tensorboard_gets_the_spectra_scalars(runner_run):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    _check_run(runner_run)
+    events = event_accumulator.EventAccumulator(str(runner_run["tensorboard"]), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "spectra/clip-threshold", "spectra/update-norm-after-max"} <= tags, sorted(tags)
+    threshold = events.Scalars("spectra/clip-threshold")
+    assert [e.step for e in threshold] == list(range(1, ITERS + 1))
+    assert threshold[-1].value == C  # the standard schedule is back at c after the warmup
+    after = events.Scalars("spectra/update-norm-after-max")
+    before = events.Scalars("spectra/update-norm-before-max")
+    assert after[-1].value <= C * 1.05 < before[-1].value  # clipped: paper mode (bf16) is approximate
+    assert len([t for t in tags if t.startswith("spectra/update-norm-before/")]) == 10
+
+
+@needs_checkout
+def test_patched_checkout_trains_with_spectra(tmp_path):
+    _requirements()
+    checkout = tmp_path / "Megatron-LM"
+    ignore = shutil.ignore_patterns(".git", "tests", "docs", "examples", "images", "__pycache__")
+    shutil.copytree(MEGATRON_LM, checkout, ignore=ignore)
+    first = subprocess.run(["bash", str(APPLY), str(checkout)], capture_output=True, text=True)
+    assert first.returncode == 0 and "check passed" in first.stdout, first.stdout + first.stderr
+    again = subprocess.run(["bash", str(APPLY), str(checkout)], capture_output=True, text=True)
+    assert again.returncode == 0 and "already patched" in again.stdout
+    _check_run(_torchrun(checkout, ["pretrain_gpt.py"], tmp_path))
+
+
+RELEASES = ["core_v0.16.1", "core_v0.17.0", "core_v0.18.0", "core_v0.19.0"]
+
+
+@needs_checkout
+@pytest.mark.parametrize("tag", RELEASES)
+def test_apply_sh_patches_every_release(tag, tmp_path):
+    shown = subprocess.run(["git", "-C", MEGATRON_LM, "show", f"{tag}:pretrain_gpt.py"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip(f"{MEGATRON_LM} has no git tag {tag}")
+    script = tmp_path / "pretrain_gpt.py"
+    script.write_text(shown.stdout)
+    done = subprocess.run(["bash", str(APPLY), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "patched with pretrain_gpt.patch" in done.stdout  # the patch itself, not the fallback
+    patched = script.read_text().splitlines()
+    original = shown.stdout.splitlines()
+    assert [line for line in patched if "megatron_spectra" in line] == [
+        "import megatron_spectra.megatron.lm  # noqa: F401  megatron-spectra: --optimizer spectra-*"
+    ]
+    assert [line for line in patched if "megatron_spectra" not in line] == original  # nothing else changed
+
+
+def test_apply_sh_refuses_a_script_where_the_hook_is_not_first(tmp_path):
+    (tmp_path / "pretrain_gpt.py").write_text('"""doc"""\nimport os\nimport megatron_spectra.megatron.lm\n')
+    done = subprocess.run(["bash", str(APPLY), str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "not the first import" in done.stderr
