@@ -9,6 +9,8 @@ three things:
   is clipped once;
 - `prepare_grads` also skips (or refuses) a step with non-finite gradients when no loss
   scaler does it, and applies the optional pre-clipping of gradients.
+Checkpoints go through Megatron's own code, with the hooks of checkpoint.py for the base's
+state keys, the step count and checkpoints of other optimizers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 
 from ..engine import ShardedClipper
+from . import checkpoint
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import get_base
 from ..optim.schedules import ThresholdSchedule
@@ -127,6 +130,14 @@ class _SpectraMethods:
             raise NonFiniteError(f"non-finite gradient in {where}; the weights were not changed")
         return True
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict) -> None:
+        checkpoint.check_origin(self, state_dict)
+        self._megatron_class.load_state_dict(self, state_dict)
+        if not self.is_stub_optimizer:
+            self.optimizer.restore_step()
+
     def spectra_log(self) -> dict:
         """Scalars for Megatron's writers (TensorBoard / W&B)."""
         if self.is_stub_optimizer:
@@ -170,6 +181,18 @@ class SpectraDistributedOptimizer(DistributedOptimizer):
                     else:
                         entries.append(self._entry(model_param, None, (0, 0)))
         return entries
+
+    @property
+    def optimizer_state_keys(self) -> tuple:
+        """The base's moments (megatron-core 0.19 reads this name; 0.16 has Adam's built in)."""
+        return get_base(self.spectra_config.base).state_keys
+
+    def get_parameter_state_dp_zero(self, use_gloo_comm=True, empty_data=False, return_on_all_ranks=False):
+        keys = ("param",) + self.optimizer_state_keys
+        return checkpoint.gather_dp_zero(self, keys, use_gloo_comm, empty_data, return_on_all_ranks)
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors) -> None:
+        checkpoint.set_states(self, model_param, tensors)
 
     def _engine_group(self):
         if self.data_parallel_group.size() != parallel_state.get_data_parallel_world_size(with_context_parallel=True):

@@ -38,7 +38,8 @@ class SpectraShardOptimizer(torch.optim.AdamW):
             for key, value in hyper.items():  # the Megatron groups carry Adam's keys: ours win
                 group[key] = value
             group.setdefault("spectra_step", 0)
-        self.base, self.hyper_keys, self.schedule = base, tuple(hyper), schedule
+            group["spectra_base"] = base.name  # tells a checkpoint's reader who wrote it
+        self.base, self.hyper, self.hyper_keys, self.schedule = base, dict(hyper), tuple(hyper), schedule
         self.clip_fn: Callable[[dict, float], dict] | None = None
         self.scales: dict[torch.Tensor, float] = {}
         self.last_threshold = schedule.c
@@ -50,6 +51,24 @@ class SpectraShardOptimizer(torch.optim.AdamW):
             for p in group["params"]:
                 if not self.state[p]:
                     self.state[p].update(self.base.init_state(p))
+
+    def restore_step(self) -> None:
+        """After torch's load_state_dict, which replaces every group by the saved one: put
+        back our keys and give every param its own `step` tensor. The count comes from the
+        checkpoint (`spectra_step`, or a plain Adam's `step`); the base hyperparameters come
+        from the config, as at construction. Megatron's loaders hand all params one shared
+        step tensor (torch convention) or none (FusedAdam convention); our in-place
+        `state["step"] += 1` needs one each."""
+        for group in self.param_groups:
+            step = group.get("spectra_step")
+            if step is None:
+                step = group.get("step")
+            if step is None:  # torch AdamW keeps the count per param
+                step = next((self.state[p]["step"] for p in group["params"] if "step" in self.state[p]), 0)
+            step = int(step)
+            group.update(self.hyper, spectra_base=self.base.name, spectra_step=step, step=step)
+            for p in group["params"]:
+                self.state[p]["step"] = torch.tensor(float(step))
 
     @property
     def spectra_step(self) -> int:

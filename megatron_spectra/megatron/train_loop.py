@@ -9,6 +9,7 @@ import torch
 
 from .testing import TinyGPT, batches, build_model, init_parallel
 
+
 def _forward_step(data_iterator, model):
     tokens = next(data_iterator)
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -21,9 +22,12 @@ def _forward_step(data_iterator, model):
 
     return output, loss_func
 
+
 def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, global_batch: int,
-                 micro_batch: int, use_distributed_optimizer: bool, bf16: bool = False, hook=None) -> dict:
-    """Train on this rank; returns the global mean loss per step (on every rank) and more."""
+                 micro_batch: int, use_distributed_optimizer: bool, bf16: bool = False, hook=None,
+                 first_step: int = 0, load_dir: str | None = None, save_dir: str | None = None) -> dict:
+    """Train steps [first_step, steps) on this rank, after loading a checkpoint if given and
+    saving one at the end if asked; returns the global mean loss per step (on every rank)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -39,10 +43,14 @@ def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, 
     # As Megatron-LM does: the schedule then reduces grads over DP (and ties PP stages) itself.
     module.config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(optimizer_config, [model])
+    if load_dir is not None:
+        load_checkpoint(model, optimizer, load_dir)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = global_batch // dp
     losses, successes = [], []
     for step, batch in enumerate(batches(spec, steps, global_batch)):
+        if step < first_step:
+            continue
         mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         micro = iter(mine.split(micro_batch))
         model.zero_grad_buffer()
@@ -57,7 +65,47 @@ def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, 
         ok, _, _ = optimizer.step()
         successes.append(bool(ok))
         losses.append(_global_mean_loss(reduced))
+    if save_dir is not None:
+        save_checkpoint(model, optimizer, save_dir)
     return {"losses": losses, "successes": successes, "optimizer": optimizer, "model": model}
+
+
+def _sharded_state(model, optimizer, sharding: str, is_loading: bool) -> dict:
+    # Of the unwrapped model, as Megatron-LM does: the DDP wrapper would prefix "module.".
+    model_state = model.module.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": sharding}
+    return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading, metadata=metadata)}
+
+
+def save_checkpoint(model, optimizer, path: str, sharding: str = "fully_reshardable") -> None:
+    """Megatron's distributed checkpoint (torch_dist) of the model and the optimizer, as
+    Megatron-LM writes one. `fully_reshardable` may be loaded at another TP/PP/DP layout,
+    `dp_reshardable` (Megatron-LM's default) at another DP size only. megatron-core's
+    torch_dist writer needs psutil."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    torch.distributed.barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, sharding, False), path)
+
+
+def load_checkpoint(model, optimizer, path: str, sharding: str = "fully_reshardable") -> None:
+    """Load what `save_checkpoint` (or Megatron-LM) wrote; a Spectra optimizer first checks
+    that the checkpoint holds the moments its base needs (checkpoint.check_loadable)."""
+    from megatron.core import dist_checkpointing
+
+    from .checkpoint import check_loadable
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(part, "spectra_config"):
+            check_loadable(path, part.spectra_config.base)
+    state = dist_checkpointing.load(_sharded_state(model, optimizer, sharding, True), path)
+    model.module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+
 
 def _global_mean_loss(reduced) -> float:
     """Mean loss over the global batch, known on every rank. The schedules already divide
@@ -69,6 +117,7 @@ def _global_mean_loss(reduced) -> float:
         total += torch.tensor([float(sum(r["lm loss"] for r in reduced)), 1.0], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item()
+
 
 def reference_run(spec: TinyGPT, steps: int, global_batch: int, spectra_kwargs: dict, clip_grad: float,
                   weight_decay: float, plain_adamw: bool = False) -> list[float]:
