@@ -137,11 +137,13 @@ def demo(steps: int = 5) -> None:
         x, y = batch(step, cfg, global_batch=8)
         loss = loss_fn(model, x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank])
         loss.backward()
+        spectra = optimizers.optimizers[0]
+        lr = spectra.param_groups[0]["lr"]
         optimizers.step()
         optimizers.zero_grad()
         schedulers.step()
-        if dist.get_rank() == 0:
-            print(f"step {step}: loss {loss.item():.4f}  lr {optimizers.optimizers[0].param_groups[0]['lr']:.2e}  c {optimizers.optimizers[0].last_threshold:.2f}")
+        if dist.get_rank() == 0:  # c_k follows the warmup: c_k * lr_k stays c * peak lr
+            print(f"step {step}: loss (rank 0's batch) {loss.item():.4f}  lr {lr:.2e}  c {spectra.last_threshold:.2f}")
     dist.destroy_process_group()
 
 

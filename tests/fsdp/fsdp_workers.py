@@ -211,7 +211,20 @@ def four_rank_suite(rank, world, checkpoints: str) -> dict:
     out = {"layouts": check_layouts(rank, world), "unsupported": unsupported(rank, world)}
     out["uneven"] = {name: uneven(rank, world, *case) for name, case in UNEVEN_CASES.items()}
     out["runs"] = {name: train(rank, world, run) for name, run in four_rank_runs(checkpoints).items()}
+    out["bench"] = bench_worker(rank, world, TINY_BENCH)
     return out
+
+
+TINY_BENCH = dict(
+    world=4, layout="fsdp", model=dict(dim=32, n_layers=1, n_heads=4, ffn_dim=64, vocab=64, seq=16), batch=8,
+    mode="paper", strategy="auto", threshold=10.0, repeats=1, threads=1, device="cpu",
+)
+
+
+def bench_worker(rank, world, cfg):
+    from megatron_spectra.bench.fsdp import _worker
+
+    return _worker(rank, world, cfg)
 
 
 def two_rank_suite(rank, world, checkpoints: str) -> dict:
