@@ -182,7 +182,9 @@ def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks():
             placements[rank].append(Placement((r, c), flat=(s, e) if s < e else (0, 0)))
         offset += n
     plan = build_plan(placements)
-    assert {tp.strategy for tp in plan.tensors} == {"owner", "gram"}  # embeddings by Gram
+    # At 8 processes even the 50304 x 768 embedding goes to an owner: 8 copies of its Gram
+    # root would cost more than the one owner's whole clip.
+    assert {tp.strategy for tp in plan.tensors} == {"owner"}
     mean = sum(plan.loads) / world
     assert max(plan.loads) <= 1.25 * mean, [round(x / mean, 3) for x in plan.loads]
 

@@ -9,13 +9,18 @@ assigns every element of every tensor to exactly one *unit* of compute:
   each run is computed by one process. A line cut by a ZeRO range boundary moves to one of
   its holders; lines held whole stay where they are.
 
-The strategy "auto" picks Gram when it is cheap and owner otherwise:
-Gram needs the Gram matrix on the short (or equal) side, i.e. lines along the long side. It
-is chosen when (a) the tensor is a vector, or (b) the long side is >= GRAM_ASPECT x the short
-side (embedding, output layer: one owner would carry the whole V x d Gram and product,
-while Gram splits that work and moves only a d x d all-reduce), or (c) TP splits the long
-side and every TP block is held whole by one process (pure TP: one k x k all-reduce and no
-other traffic, SPEC.md section 3). Everything else goes to an owner, balanced by cost.
+The strategy "auto" picks Gram when it does not cost more compute than an owner would:
+Gram splits the line products (4·k²·n FLOPs for a k x n matrix, k the short side) over the
+processes holding lines, but every one of the P processes of the group runs the k x k
+inverse square root (~60·k³ FLOPs for 10 Newton-Schulz steps) itself. It is chosen for
+(a) vectors (the vector rule needs one scalar all-reduce), and (b) matrices so elongated that the P copies of
+the k³ part stay within GRAM_REDUNDANCY of the line work, n >= 15·P·k for 1/4: the embedding
+and output layer (V x d) in small groups. Everything else goes to an owner, balanced
+by cost: for square-ish matrices the k³ part dominates, and Gram would repeat it on every TP
+(and, without ZeRO, every DP) rank: in `spectra bench engine`, an earlier rule that used Gram
+for every matrix split by TP along its long side missed the 1.3/W FLOP target at TP > 1. Gram also needs lines along the long (or
+equal) side. `strategy="gram"` forces it where bytes matter more than FLOPs: it moves only a
+k x k all-reduce.
 
 Elements are addressed in *block space*: a tensor's TP blocks one after another, each in
 row-major order, so every held piece is one contiguous range and every unit too.
@@ -28,7 +33,7 @@ from typing import Sequence
 
 from .placement import Placement
 
-GRAM_ASPECT = 8
+GRAM_REDUNDANCY = 0.25  # auto: P copies of the k³ root <= this x the line work
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ def build_plan(placements: Sequence[Sequence[Placement]], official_side: bool = 
     tensors = []
     for t in range(count):
         p = placements[0][t]
-        strategy = _choose_strategy(p, holders[t], official_side)
+        strategy = _choose_strategy(p, world, official_side)
         tensors.append(TensorPlan(t, p, strategy, sum(clip_cost(*s) for s in matrix_parts(p)) if not p.is_vector else 0.0))
     loads = [0.0] * world
     for tp in tensors:
@@ -189,18 +194,22 @@ def _gram_on_short_side(p: Placement, official_side: bool) -> bool:
     return rows <= cols if axis == "bands" else True
 
 
-def _choose_strategy(p: Placement, blocks, official_side: bool) -> str:
+def _choose_strategy(p: Placement, world: int, official_side: bool) -> str:
     if p.is_vector:
         return "gram"  # the vector rule needs only the global norm: one scalar all-reduce
     if p.strategy != "auto":
         return p.strategy
     if not _gram_on_short_side(p, official_side) or p.row_parts is not None and _line_axis(p) == "bands":
         return "owner"
-    rows, cols = p.matrix_shape
-    if max(rows, cols) >= GRAM_ASPECT * min(rows, cols):
-        return "gram"
-    pure_tp = p.tp_dim is not None and all(any(e - s == p.block_numel for _, s, e in pieces) for pieces in blocks)
-    return "gram" if pure_tp else "owner"
+    return "gram" if _gram_is_cheap(matrix_parts(p), world) else "owner"
+
+
+def _gram_is_cheap(shapes, participants: int) -> bool:
+    """The redundant inverse roots (60·k³ on every process) within GRAM_REDUNDANCY of the
+    distributed line work (4·k²·n), summed over the matrices SSC is applied to."""
+    lines = sum(4.0 * min(s) ** 2 * max(s) for s in shapes)
+    roots = sum(60.0 * min(s) ** 3 for s in shapes)
+    return participants * roots <= GRAM_REDUNDANCY * lines
 
 
 # ----------------------------------------------------------------------------- units
