@@ -35,32 +35,31 @@ def trainer_args(config: Config) -> list[str]:
     d = config.data
     builtin = d["entry"] == "builtin"
     return [
-        *_model_args(d["model"], builtin),
-        *_training_args(d["training"], builtin),
+        *_model_args(d["model"]),
+        *_training_args(d["training"]),
         *_optimizer_args(d["optimizer"]),
         *_parallel_args(d["parallel"]),
         *_data_args(d["data"], d["parallel"]["tensor_parallel"], builtin),
         *_output_args(config),
-        *(_trainer_extras(d["trainer"]) if builtin else _megatron_extras(d["megatron"])),
+        *(_trainer_extras(config) if builtin else _megatron_extras(d["megatron"])),
     ]
 
 
-def _model_args(m: dict, builtin: bool) -> list[str]:
+def _model_args(m: dict) -> list[str]:
     args = ["--num-layers", fmt(m["num_layers"]), "--hidden-size", fmt(m["hidden_size"]),
             "--ffn-hidden-size", fmt(m["ffn_hidden_size"]), "--num-attention-heads", fmt(m["num_attention_heads"])]
     if m["num_query_groups"] is not None:
         # Megatron-LM reads --num-query-groups only with --group-query-attention.
-        args += ([] if builtin else ["--group-query-attention"]) + ["--num-query-groups", fmt(m["num_query_groups"])]
+        args += ["--group-query-attention", "--num-query-groups", fmt(m["num_query_groups"])]
     args += ["--seq-length", fmt(m["seq_length"]), "--max-position-embeddings", fmt(m["seq_length"])]
     args += LLAMA + ["--norm-epsilon", fmt(m["norm_epsilon"])]
     if not m["tie_embeddings"]:
         args.append("--untie-embeddings-and-output-weights")
-    if not builtin:  # Megatron's default dropout is 0.1; the paper trains without
-        args += ["--attention-dropout", fmt(m["dropout"]), "--hidden-dropout", fmt(m["dropout"])]
-    return args
+    # Megatron's default dropout is 0.1; the paper trains without.
+    return args + ["--attention-dropout", fmt(m["dropout"]), "--hidden-dropout", fmt(m["dropout"])]
 
 
-def _training_args(t: dict, builtin: bool) -> list[str]:
+def _training_args(t: dict) -> list[str]:
     plain = ("micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters",
              "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps", "seed",
              "log_interval", "eval_interval", "eval_iters", "save_interval")
@@ -68,7 +67,7 @@ def _training_args(t: dict, builtin: bool) -> list[str]:
     for key in plain:
         if t[key] is not None:
             args += [TRAINING[key].flag, fmt(t[key])]
-    if t["warmup_start_factor"] and not builtin:
+    if t["warmup_start_factor"]:
         args += ["--lr-warmup-init", fmt(t["lr"] * t["warmup_start_factor"])]
     if t["lr_decay_style"] == "WSD":
         args += ["--lr-wsd-decay-style", t["lr_wsd_decay_style"], "--lr-wsd-decay-iters", fmt(wsd_decay_iters(t))]
@@ -111,11 +110,11 @@ def _data_args(d: dict, tp: int, builtin: bool) -> list[str]:
         args += ["--data-path", d["path"], "--split", d["split"], "--tokenizer-type", d["tokenizer_type"]]
     elif not builtin:
         args += ["--mock-data", "--tokenizer-type", d["tokenizer_type"]]
-    if not builtin:
+    if not builtin:  # the builtin trainer's tokenizers have no vocabulary files
         for key in ("vocab_file", "merge_file"):
             if d[key]:
                 args += ["--" + key.replace("_", "-"), d[key]]
-        args += ["--make-vocab-size-divisible-by", fmt(d["vocab_multiple"] // tp)]
+    args += ["--make-vocab-size-divisible-by", fmt(d["vocab_multiple"] // tp)]
     if d["vocab_size"] is not None:
         args += ["--vocab-size", fmt(d["vocab_size"])]
     return args
@@ -136,8 +135,11 @@ def _megatron_extras(m: dict) -> list[str]:
     return args + list(m["extra_args"])
 
 
-def _trainer_extras(t: dict) -> list[str]:
-    return (["--trainer-cpu"] if t["cpu"] else []) + list(t["extra_args"])
+def _trainer_extras(config: Config) -> list[str]:
+    t = config.data["trainer"]
+    # --trainer-out: its metrics.jsonl and built-in corpus go in the run folder.
+    args = ["--trainer-out", str(config.run_dir), "--trainer-name", config.name]
+    return args + (["--trainer-cpu"] if t["cpu"] else []) + list(t["extra_args"])
 
 
 def program(config: Config) -> list[str]:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,18 +38,34 @@ def prepare(config: Config, where: str) -> Path:
     return run_dir
 
 
+def _raise_on_sigterm() -> None:
+    """`timeout` and schedulers send SIGTERM: turn it into an exception so the child dies too."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run_local(config: Config, stream=None) -> int:
     """torchrun on this machine; output goes to the terminal and to logs/train.log."""
+    _raise_on_sigterm()
     run_dir = prepare(config, "local")
     config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "exit_code").unlink(missing_ok=True)
     stream = stream or sys.stdout
     with open(run_dir / "logs" / "train.log", "a", encoding="utf-8") as log:
         proc = subprocess.Popen(to_command(config, "local"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in proc.stdout:
-            log.write(line)
-            stream.write(line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()  # collection may read a run that is still going
+                stream.write(line)
+            rc = proc.wait()
+        except BaseException:  # interrupted or killed: take torchrun (and its ranks) down too
+            proc.terminate()
+            proc.wait(timeout=30)
+            raise
     (run_dir / "exit_code").write_text(f"{rc}\n")
     return rc
 

@@ -56,7 +56,7 @@ MODEL = {
     "seq_length": Key(INT, flag="--seq-length", doc="also --max-position-embeddings"),
     "tie_embeddings": Key(BOOL, False, doc="false: --untie-embeddings-and-output-weights"),
     "norm_epsilon": Key(FLOAT, 1e-5, flag="--norm-epsilon"),
-    "dropout": Key(FLOAT, 0.0, builtin=0.0, doc="--attention-dropout and --hidden-dropout (Megatron's default is 0.1)"),
+    "dropout": Key(FLOAT, 0.0, doc="--attention-dropout and --hidden-dropout (Megatron's default is 0.1)"),
 }
 
 TRAINING = {
@@ -67,7 +67,7 @@ TRAINING = {
     "min_lr": Key(FLOAT, 0.0, flag="--min-lr"),
     "lr_decay_style": Key(STR, "WSD", flag="--lr-decay-style", choices=("constant", "linear", "cosine", "WSD")),
     "lr_warmup_iters": Key(INT, 0, flag="--lr-warmup-iters"),
-    "warmup_start_factor": Key(FLOAT, 0.0, builtin=0.0, doc="--lr-warmup-init = lr * this (official code: 0.01)"),
+    "warmup_start_factor": Key(FLOAT, 0.0, doc="--lr-warmup-init = lr * this (official code: 0.01)"),
     "lr_wsd_decay_style": Key(STR, "minus_sqrt", flag="--lr-wsd-decay-style", choices=("exponential", "linear", "cosine", "minus_sqrt")),
     "wsd_decay_fraction": Key(FLOAT, 0.2, doc="--lr-wsd-decay-iters = round(this * train_iters)"),
     "weight_decay": Key(FLOAT, 0.1, flag="--weight-decay"),
@@ -128,7 +128,7 @@ DATA = {
     "vocab_file": Key(OPT_STR, None, flag="--vocab-file", builtin=ANY),
     "merge_file": Key(OPT_STR, None, flag="--merge-file", builtin=ANY),
     "vocab_size": Key(OPT_INT, None, flag="--vocab-size", doc="only for tokenizers without a vocab file"),
-    "vocab_multiple": Key(INT, 128, builtin=ANY, doc="padded vocab is a multiple of this: --make-vocab-size-divisible-by = this / TP"),
+    "vocab_multiple": Key(INT, 128, doc="padded vocab is a multiple of this: --make-vocab-size-divisible-by = this / TP"),
 }
 
 OUTPUT = {
