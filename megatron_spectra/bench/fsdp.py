@@ -72,8 +72,6 @@ def _build(name: str, model, cfg: dict):
 
 
 def _worker(rank: int, world: int, cfg: dict) -> dict:
-    import torch.distributed as dist
-
     from ..fsdp.testing import LlamaConfig, TinyLlama, batch, loss_fn, parallelize
 
     device = torch.device(cfg["device"], rank) if cfg["device"] == "cuda" else torch.device("cpu")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fsdp_workers import UNEVEN_CASES, four_rank_runs, two_rank_runs, uneven_reference
+from fsdp_workers import UNEVEN_CASES, four_rank_runs, uneven_reference
 from megatron_spectra.fsdp.testing import Run, reference_losses
 
 pytestmark = pytest.mark.slow
