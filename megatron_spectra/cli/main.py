@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("clip", "engine", "fsdp")  # megatron_spectra.bench.<name>: `spectra bench <name>`
+BENCHMARKS = ("clip", "engine", "fsdp", "megatron")  # megatron_spectra.bench.<name>: `spectra bench <name>`
 COMMANDS: tuple[str, ...] = (  # full module paths of top-level commands, e.g. "megatron_spectra.cli.demo"
     "megatron_spectra.cli.launch",
     "megatron_spectra.cli.sweep",
+    "megatron_spectra.demo.cli",
 )
 
 

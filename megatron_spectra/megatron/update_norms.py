@@ -30,7 +30,7 @@ def update_norms(entries: list[Entry], before: dict, after: dict, group, tp_rank
     for i, entry in enumerate(matrices):
         for side, pieces in enumerate((before, after)):
             piece = pieces.get(entry.main) if entry.main is not None else None
-            full = _full_matrix(entry, piece, tp_rank, device)
+            full = full_matrix(entry, piece, tp_rank, device)
             if distributed:
                 dist.all_reduce(full, group=group)
             if i % world == rank:
@@ -47,7 +47,7 @@ def update_norms(entries: list[Entry], before: dict, after: dict, group, tp_rank
     return scalars
 
 
-def _full_matrix(entry: Entry, piece: torch.Tensor | None, tp_rank: int, device) -> torch.Tensor:
+def full_matrix(entry: Entry, piece: torch.Tensor | None, tp_rank: int, device) -> torch.Tensor:
     """This process's contribution to the full matrix: its piece in place, zeros elsewhere."""
     p = entry.placement
     full = torch.zeros(p.matrix_shape, dtype=torch.float32, device=device)
@@ -65,3 +65,17 @@ def _full_matrix(entry: Entry, piece: torch.Tensor | None, tp_rank: int, device)
     else:
         full.copy_(block)
     return full
+
+
+def local_piece(entry: Entry, full: torch.Tensor) -> torch.Tensor:
+    """The inverse of full_matrix: this process's piece (its flat range of its TP block)."""
+    p = entry.placement
+    rows, cols = p.block_shape
+    if p.tp_dim == 0:
+        block = full[p.tp_block * rows : (p.tp_block + 1) * rows]
+    elif p.tp_dim == 1:
+        block = full[:, p.tp_block * cols : (p.tp_block + 1) * cols]
+    else:
+        block = full
+    start, end = p.range
+    return block.reshape(-1)[start:end]
