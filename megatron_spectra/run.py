@@ -2,6 +2,9 @@
 
     torchrun --nproc-per-node 8 -m megatron_spectra.run /path/to/Megatron-LM/pretrain_gpt.py \\
         --optimizer spectra-adamw --spectra-clip-threshold 10 --use-distributed-optimizer ...
+
+On a machine without a GPU add `--spectra-cpu` (megatron on CPU under gloo; see
+megatron_spectra.megatron.lm), as tests/megatron/test_megatron_lm.py does.
 """
 
 from __future__ import annotations
