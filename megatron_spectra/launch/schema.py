@@ -105,6 +105,7 @@ SPECTRA = {
     "ademamix_beta3": Key(FLOAT, 0.999, flag="--spectra-ademamix-beta3"),
     "ademamix_alpha": Key(FLOAT, 8.0, flag="--spectra-ademamix-alpha"),
     "ademamix_warmup": Key(OPT_INT, None, flag="--spectra-ademamix-warmup"),
+    "cpu": Key(BOOL, False, flag="--spectra-cpu", doc="Megatron-LM on CPU (gloo), for tests"),
 }
 
 OPTIMIZER = {
