@@ -164,6 +164,8 @@ def benchmark(models: list[str], scale: int, layers: int | None, optimizers: lis
         log(f"{name}: {model} at TP={TP} x DP={DP} ...", flush=True)
         per_rank = run_megatron(_worker, tp=TP, dp=DP, args=(cfg,), timeout=timeout)
         results.append({"model": name, "shape": asdict(model), "timings": per_rank[0]})
+        for optimizer, t in per_rank[0].items():  # as it comes: a long run shows its numbers early
+            log(f"  {optimizer}: optimizer step {t['optimizer_step_ms']:.1f} ms, train step {t['train_step_ms']:.1f} ms", flush=True)
     config = dict(scale=scale, layers=layers, steps=steps, warmup=warmup, seq=seq, micro_batch=micro_batch,
                   global_batch=global_batch, threshold=threshold, tp=TP, dp=DP, device="cpu (gloo)")
     return {"config": config, "results": results}
