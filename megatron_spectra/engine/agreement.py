@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .placement import STRATEGIES, Placement
+from .exchange import all_gather_flat
 
 _FIELDS = 11  # int64 per placement in the encoding below
 
@@ -54,7 +55,7 @@ def fingerprint(encoded: torch.Tensor, thresholds: Sequence[float], finite: bool
 
 def gather_fingerprints(fp: torch.Tensor, group, world: int, device) -> list[tuple[int, int, int]]:
     out = torch.empty(world * fp.numel(), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, fp.to(device), group=group)
+    all_gather_flat(out, fp.to(device), group=group)
     return [tuple(row) for row in out.view(world, -1).cpu().tolist()]
 
 
@@ -68,7 +69,7 @@ def gather_layouts(
         raise LayoutMismatch(f"processes pass different numbers of tensors to the clip engine ({detail})")
     count = counts[0]
     out = torch.empty(world * count * _FIELDS, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, encoded.reshape(-1).to(device), group=group)
+    all_gather_flat(out, encoded.reshape(-1).to(device), group=group)
     layouts = list(out.cpu().view(world, count, _FIELDS))
     _compare(layouts, names)
     return layouts

@@ -18,6 +18,12 @@ import torch.distributed as dist
 from .plan import Move
 
 
+def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
+    """Equal-size all-gather into one flat tensor: `all_gather_single` in recent torch, which
+    deprecates the older name `all_gather_into_tensor` (same collective, gloo and NCCL)."""
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, input, group=group)
+
+
 @dataclass
 class Exchange:
     send: list[tuple[int, int]]  # (offset in the source buffer, length), grouped by destination
