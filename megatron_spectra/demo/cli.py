@@ -5,7 +5,7 @@
 Pretrains a small LLaMA-style megatron-core GPT on the Python language reference (text that
 ships with CPython) with spectra-adamw through the SpectraDistributedOptimizer, and the same
 run with plain AdamW (same seed, same data), on TP=2 x DP=2 processes; then both again at a
-learning rate where AdamW spikes. Writes to --out: results.md (the table), demo.png (loss
+learning rate where AdamW stalls. Writes to --out: results.md (the table), demo.png (loss
 curves; update spectral norms clipped against unclipped), summary.json, and per run
 runs/<run>/log.txt (Megatron-LM log lines) and metrics.jsonl.
 
@@ -23,10 +23,12 @@ import time
 from . import report
 from .runs import build_corpus, plan_runs, run_all, trainer_argv, world
 
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 120
 RECIPE_LR = 1e-3
-# Measured on this model (see the README's "The main job"): AdamW spikes at this rate.
-HIGH_LR = 1e-2
+# Measured on this model, 100 iterations (README, "The main job"): at 3e-3 both train (final
+# train loss AdamW 2.14, spectra-adamw 1.95); at 3e-2 AdamW stalls around 3.0 while
+# spectra-adamw keeps descending (2.48).
+HIGH_LR = 3e-2
 
 
 def add_parser(subparsers) -> None:
