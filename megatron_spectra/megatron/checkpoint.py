@@ -18,8 +18,8 @@ The distributed optimizer's formats in megatron-core 0.16.1:
   functions over the base's own keys. 0.19 has `optimizer_state_keys` for the gather, which
   Spectra also answers, so there the override is merely equivalent.
 - `fully_sharded_model_space` (megatron-core's default when no metadata says otherwise)
-  needs `ShardedTensor.flattened_range`, which 0.16's dist_checkpointing rejects for every
-  optimizer, Adam included: pass a sharding type.
+  needs `ShardedTensor.flattened_range`, which dist_checkpointing rejects in 0.16 to 0.19
+  for every optimizer, Adam included: pass a sharding type (Megatron-LM always does).
 
 A checkpoint says which base wrote it: every param group carries `spectra_base`. A group
 without it comes from a plain Megatron optimizer (Adam): spectra-adamw takes it over (same
@@ -94,6 +94,7 @@ def _gather_bucket(dopt, bucket, bucket_map, key, group, use_gloo_comm, everywhe
 # ---------------------------------------------------------------------- loading
 
 
+@torch.no_grad()  # fp32 main shards are views of the model params, which require grad
 def set_states(dopt, model_param, tensors: dict) -> None:
     """Copy a loaded shard (main param and moments) into the live optimizer. The count
     `step` is not per-shard data: `restore_step` sets it from the param groups."""

@@ -25,9 +25,11 @@ def _forward_step(data_iterator, model):
 
 def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, global_batch: int,
                  micro_batch: int, use_distributed_optimizer: bool, bf16: bool = False, hook=None,
-                 first_step: int = 0, load_dir: str | None = None, save_dir: str | None = None) -> dict:
+                 first_step: int = 0, load_dir: str | None = None, save_dir: str | None = None,
+                 checkpoint_format: str = "fully_reshardable") -> dict:
     """Train steps [first_step, steps) on this rank, after loading a checkpoint if given and
-    saving one at the end if asked; returns the global mean loss per step (on every rank)."""
+    saving one at the end if asked (`checkpoint_format`: the distributed optimizer's
+    sharding type); returns the global mean loss per step (on every rank)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -44,7 +46,7 @@ def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, 
     module.config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(optimizer_config, [model])
     if load_dir is not None:
-        load_checkpoint(model, optimizer, load_dir)
+        load_checkpoint(model, optimizer, load_dir, checkpoint_format)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     per_rank = global_batch // dp
     losses, successes = [], []
@@ -66,7 +68,7 @@ def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, 
         successes.append(bool(ok))
         losses.append(_global_mean_loss(reduced))
     if save_dir is not None:
-        save_checkpoint(model, optimizer, save_dir)
+        save_checkpoint(model, optimizer, save_dir, checkpoint_format)
     return {"losses": losses, "successes": successes, "optimizer": optimizer, "model": model}
 
 
