@@ -20,6 +20,9 @@ bytes sent and received, plus the Gram / norm all-reduce payload counted once), 
 all-gather's 2 x (numel - local numel) x 4 for every clipped tensor (each rank receives what
 it lacks and, in a ring, sends as much). Updates are fp32. With owners, the engine moves
 about 4(W-1)/W^2 of the matrix bytes per rank, the all-gather 2(W-1)/W: half at W = 4.
+
+On CPU, `--mode paper` (the optimizer's default: bf16 Newton-Schulz) measures mostly the
+CPU's slow bf16 matmuls; `--mode accurate` (fp32) is the representative CPU number.
 """
 
 from __future__ import annotations
