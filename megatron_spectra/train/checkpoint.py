@@ -15,7 +15,8 @@ STATE = "trainer_state.json"
 
 
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_state = model.sharded_state_dict()
+    # The GPTModel's own keys (as Megatron-LM stores them), not the DDP wrapper's "module." ones.
+    model_state = model.module.sharded_state_dict()
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading, metadata=metadata)}
 
@@ -48,7 +49,7 @@ def load(root: str, model, optimizer, scheduler) -> int:
         iteration = int(f.read().strip())
     path = os.path.join(root, f"iter_{iteration:07d}")
     state = dist_checkpointing.load(_sharded_state(model, optimizer, True), path)
-    model.load_state_dict(state["model"])
+    model.module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     with open(os.path.join(path, STATE)) as f:
         scheduler.load_state_dict(json.load(f)["scheduler"])
