@@ -37,14 +37,16 @@ def train(model, opt, steps, first=0):
     return losses
 
 
-def test_without_clipping_it_is_adamw():
+@pytest.mark.parametrize("how", ["group clip none", "apply_to none"])
+def test_without_clipping_it_is_adamw(how):
     a, b = tiny_model(), tiny_model()
     ref = torch.optim.AdamW(a.parameters(), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
-    ours = Spectra(b.parameters(), "adamw", lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1,
-                   clip_threshold=1e12, clip_schedule="constant", apply_to="2d")
-    # apply_to="2d" with c = 1e12 leaves matrices scaled by alpha only: undo that with groups.
-    for group in ours.param_groups:
-        group["clip"] = "none"
+    # A clip threshold that would move every update: only "none" keeps them AdamW's (no alpha).
+    ours = Spectra(b.parameters(), "adamw", lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, clip_threshold=1e-3,
+                   clip_schedule="constant", apply_to="none" if how == "apply_to none" else "all")
+    if how == "group clip none":
+        for group in ours.param_groups:
+            group["clip"] = "none"
     train(a, ref, 5), train(b, ours, 5)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

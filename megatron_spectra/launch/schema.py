@@ -92,7 +92,7 @@ SPECTRA = {
     "mode": Key(STR, "paper", flag="--spectra-mode", choices=("paper", "accurate")),
     "ns_steps": Key(INT, 10, flag="--spectra-ns-steps"),
     "ns_fp32": Key(BOOL, False, flag="--spectra-ns-fp32"),
-    "apply_to": Key(STR, "all", flag="--spectra-apply-to", choices=("all", "2d", "hidden")),
+    "apply_to": Key(STR, "all", flag="--spectra-apply-to", choices=("all", "2d", "hidden", "none")),
     "split_qkv": Key(BOOL, False, flag="--spectra-split-qkv"),
     "split_fc1": Key(BOOL, False, flag="--spectra-split-fc1"),
     "strategy": Key(STR, "auto", flag="--spectra-strategy", choices=("auto", "owner", "gram")),

@@ -17,7 +17,7 @@ from ..optim.directions import BASES
 from ..optim.schedules import SCHEDULES
 
 OPTIMIZERS = tuple(f"spectra-{name}" for name in BASES)  # spectra-adamw, spectra-signum, spectra-ademamix
-APPLY_TO = ("all", "2d", "hidden")
+APPLY_TO = ("all", "2d", "hidden", "none")
 STRATEGIES = ("auto", "owner", "gram")
 NONFINITE = ("skip", "raise")
 

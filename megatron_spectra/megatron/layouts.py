@@ -44,7 +44,10 @@ def tp_dim(param: torch.Tensor) -> int | None:
 
 def clip_kind(param: torch.Tensor, apply_to: str) -> str:
     """all: matrices (embedding and output too) and vectors; 2d: matrices; hidden: matrices
-    other than the embedding and output layer (the Muon convention)."""
+    other than the embedding and output layer (the Muon convention); none: nothing (the plain
+    base optimizer, for baselines Megatron does not have, e.g. Signum and AdEMAMix)."""
+    if apply_to == "none":
+        return "none"
     if param.dim() >= 2:
         if apply_to == "hidden" and getattr(param, "is_embedding_or_output_parameter", False):
             return "none"

@@ -46,7 +46,7 @@ def add_spectra_arguments(parser):
     group.add_argument("--spectra-mode", default="paper", choices=["paper", "accurate"])
     group.add_argument("--spectra-ns-steps", type=int, default=10, help="Newton-Schulz steps (paper mode)")
     group.add_argument("--spectra-ns-fp32", action="store_true", help="paper mode in fp32 instead of bf16")
-    group.add_argument("--spectra-apply-to", default="all", choices=["all", "2d", "hidden"])
+    group.add_argument("--spectra-apply-to", default="all", choices=["all", "2d", "hidden", "none"])
     group.add_argument("--spectra-split-qkv", action="store_true", help="clip Q, K, V separately")
     group.add_argument("--spectra-split-fc1", action="store_true", help="clip SwiGLU gate and up separately")
     group.add_argument("--spectra-strategy", default="auto", choices=["auto", "owner", "gram"])

@@ -85,6 +85,8 @@ class _SpectraMethods:
     def _clip(self, directions: dict, c: float, kinds=("matrix", "vector")) -> dict:
         """H_c of every direction; one engine call for all of this optimizer's tensors."""
         chosen = [e for e in self.spectra_entries if e.kind in kinds]
+        if not chosen:  # apply_to="none" (a global setting: every rank skips alike)
+            return dict(directions)
         pieces = [directions[e.main] if e.main is not None else torch.zeros(0) for e in chosen]
         device = next((p.device for p in pieces if p.numel()), torch.device("cpu"))
         pieces = [p.reshape(-1) if p.numel() else torch.zeros(0, device=device) for p in pieces]

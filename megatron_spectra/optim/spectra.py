@@ -18,7 +18,7 @@ from ..ops.soft_clip import ClipNumerics, check_threshold, clip_vector, clip_wid
 from .directions import get_base
 from .schedules import ThresholdSchedule, matrix_scale
 
-APPLY_TO = ("all", "2d")
+APPLY_TO = ("all", "2d", "none")
 CLIP_KINDS = ("matrix", "vector", "none")
 NONFINITE = ("raise", "skip")
 
@@ -32,11 +32,15 @@ def clip_kind(param: torch.Tensor, apply_to: str, override: str | None = None) -
 
     apply_to="all" is the official default: every matrix (embedding and output layer too)
     gets SSC and every 1-D parameter the vector rule. apply_to="2d" leaves 1-D parameters
-    with their plain base update. A param group's "clip" key overrides both, e.g. to exclude
-    the embedding and output layer with clip="none".
+    with their plain base update. apply_to="none" clips nothing: the plain base optimizer
+    (AdamW, Signum, AdEMAMix), the paper's baselines through the same code. A param group's
+    "clip" key overrides all of these, e.g. to exclude the embedding and output layer with
+    clip="none".
     """
     if override is not None:
         return override
+    if apply_to == "none":
+        return "none"
     if param.ndim >= 2:
         return "matrix"
     return "vector" if apply_to == "all" else "none"
@@ -52,7 +56,7 @@ class Spectra(torch.optim.Optimizer):
             beta3_warmup (ademamix): base hyperparameters; None keeps the paper's default.
         clip_threshold: c. clip_schedule: "constant" | "standard" | "wsd-sqrt" (needs
             total_steps); warmup_steps, total_steps, decay_fraction: its parameters.
-        apply_to: "all" (official) or "2d"; a group's "clip" key ("matrix"|"vector"|"none") overrides.
+        apply_to: "all" (official), "2d" or "none" (the unclipped base optimizer); a group's "clip" key ("matrix"|"vector"|"none") overrides.
         mode: "paper" (official numerics: bf16, ns_steps coupled Newton-Schulz steps, fp32 with
             ns_fp32) or "accurate" (fp32, error <= 1e-3 on every singular value at any s_max/c).
         pre_clip, pre_clip_threshold: SSC of every matrix gradient at 0.1 (no alpha), before
