@@ -10,9 +10,9 @@ are refused, since Megatron-LM flags share long prefixes (--lr, --lr-warmup-iter
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import math
+
+from ..megatron.arguments import add_spectra_arguments
 
 DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(parser)
     _logging_args(parser)
     _trainer_args(parser)
-    _spectra_flags()(parser)
+    add_spectra_arguments(parser)
     return parser
 
 
@@ -122,40 +122,6 @@ def _trainer_args(parser) -> None:
     g.add_argument("--trainer-progress", action="store_true", help="a progress bar on stderr (rank 0)")
     g.add_argument("--trainer-update-norms", action="store_true",
                    help="measure the largest update spectral norm before/after clipping at every log step")
-
-
-def _spectra_flags():
-    return lm_function("add_spectra_arguments")
-
-
-def lm_function(name: str):
-    return getattr(_lm_module(), name)
-
-
-@functools.cache
-def _lm_module():
-    """The module of the Megatron-LM integration (`megatron_spectra.megatron.lm`), reused.
-
-    That module installs its Megatron-LM hooks at import and so fails without Megatron-LM
-    (`megatron.training`), which megatron-core alone does not ship. Its functions are defined
-    before that call, so without Megatron-LM we run the module ourselves and keep them even
-    though the install at its end fails.
-    """
-    try:
-        from ..megatron import lm
-
-        return lm
-    except ModuleNotFoundError as error:
-        if not (error.name or "").startswith("megatron.training"):
-            raise
-    spec = importlib.util.find_spec("megatron_spectra.megatron.lm")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ModuleNotFoundError as error:
-        if not (error.name or "").startswith("megatron.training"):
-            raise
-    return module
 
 
 def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .args import lm_function, padded_vocab_size
+from ..megatron.arguments import spectra_config_from_args
+from .args import padded_vocab_size
 from .data import build_datasets, build_tokenizer, ensure_builtin_corpus, micro_batches
 from .logs import MetricsFile, ProgressBar, training_line, validation_lines
 from .model import build_model, forward_step
@@ -208,7 +209,7 @@ def optimizer_config(args):
     from ..megatron.config import OPTIMIZERS
 
     if args.optimizer in OPTIMIZERS:
-        return lm_function("spectra_config_from_args")(args)
+        return spectra_config_from_args(args)
     fields = {f.name for f in dataclasses.fields(OptimizerConfig) if f.init}
     return OptimizerConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
 
