@@ -22,7 +22,7 @@ pytest.importorskip("psutil", reason="megatron-core's torch_dist checkpoint writ
 from megatron_spectra.testing import run_distributed  # noqa: E402
 
 BASES = ("adamw", "signum", "ademamix")
-STEPS, SAVE_AT, GLOBAL_BATCH, MICRO_BATCH, LR = 4, 2, 8, 2, 1e-3
+STEPS, SAVE_AT, GLOBAL_BATCH, MICRO_BATCH, LR = 4, 2, 8, 2, 1e-2
 WRITE_TP, RESHARD_TP = 2, 1  # 4 processes: DP=2, then DP=4
 DP_FORMAT_BASE = "ademamix"  # resumes at the same layout from a dp_reshardable checkpoint
 
@@ -48,9 +48,19 @@ def _run(optimizer, tp, steps, first_step=0, load_dir=None, hook=None, save_dir=
     from megatron_spectra.megatron.testing import TinyGPT
     from megatron_spectra.megatron.train_loop import megatron_run
 
-    return megatron_run(_config(optimizer), TinyGPT(), tp, 1, steps, GLOBAL_BATCH, MICRO_BATCH, True,
+    out = megatron_run(_config(optimizer), TinyGPT(), tp, 1, steps, GLOBAL_BATCH, MICRO_BATCH, True,
                         hook=hook, first_step=first_step, load_dir=load_dir, save_dir=save_dir,
                         checkpoint_format=fmt)
+    return {**out, "state": _fingerprint(out["optimizer"])}
+
+
+def _fingerprint(optimizer):
+    """Per state key, the sum of |x| over this rank's shards, and the step counts: equal at
+    the same layout iff the moments went on as without the interruption."""
+    states = optimizer.chained_optimizers[0].optimizer.state.values()
+    keys = {k for s in states for k in s if k != "step"}
+    sums = {k: sum(s[k].double().abs().sum().item() for s in states) for k in keys}
+    return {**sums, "step": sorted({int(s["step"]) for s in states})}
 
 
 def _save_at(step_to_save, path, also_dp_format=False):
@@ -84,10 +94,11 @@ def _write(rank, world, root):
     from megatron_spectra.megatron.cpu import megatron_on_cpu
 
     with megatron_on_cpu():
-        losses = {b: _run(b, WRITE_TP, STEPS, hook=_save_at(SAVE_AT, os.path.join(root, b), b == DP_FORMAT_BASE))["losses"]
-                  for b in BASES}
+        runs = {b: _run(b, WRITE_TP, STEPS, hook=_save_at(SAVE_AT, os.path.join(root, b), b == DP_FORMAT_BASE)) for b in BASES}
+        losses = {b: r["losses"] for b, r in runs.items()}
+        states = {b: r["state"] for b, r in runs.items()}
         adam = _run("adam", WRITE_TP, SAVE_AT, save_dir=os.path.join(root, "adam"))  # megatron-core's own
-        return {"losses": losses, "adam": _moments(adam)[0]}
+        return {"losses": losses, "states": states, "adam": _moments(adam)[0]}
 
 
 class _Messages(logging.Handler):
@@ -106,13 +117,14 @@ def _resume(rank, world, root):
     from megatron_spectra.megatron.checkpoint import CheckpointMismatch, check_loadable
     from megatron_spectra.megatron.cpu import megatron_on_cpu
 
-    out = {"same": {}, "reshard": {}, "refused": {}}
+    out = {"same": {}, "states": {}, "reshard": {}, "refused": {}}
     with megatron_on_cpu():
         for b in BASES:
             path = os.path.join(root, b)
             # At the same layout, one base resumes from Megatron-LM's default format instead.
             same = dict(load_dir=path + "-dp", fmt="dp_reshardable") if b == DP_FORMAT_BASE else dict(load_dir=path)
-            out["same"][b] = _run(b, WRITE_TP, STEPS, SAVE_AT, **same)["losses"]
+            resumed = _run(b, WRITE_TP, STEPS, SAVE_AT, **same)
+            out["same"][b], out["states"][b] = resumed["losses"], resumed["state"]
             out["reshard"][b] = _run(b, RESHARD_TP, STEPS, SAVE_AT, path)["losses"]
         handler = _Messages()
         logging.getLogger("megatron_spectra.megatron.checkpoint").addHandler(handler)
@@ -144,8 +156,13 @@ def _relative_errors(got, want):
 def test_save_load_continue_gives_the_uninterrupted_losses(runs, base):
     written, resumed = runs
     want = written[0]["losses"][base][SAVE_AT:]
-    for r in resumed:
+    for w, r in zip(written, resumed):
         assert max(_relative_errors(r["same"][base], want)) <= 1e-6, (r["same"][base], want)
+        assert r["states"][base].keys() == w["states"][base].keys()
+        assert r["states"][base]["step"] == w["states"][base]["step"] == [STEPS]
+        for key, value in w["states"][base].items():
+            if key != "step":
+                assert abs(r["states"][base][key] - value) <= 1e-6 * value, (key, r["states"][base][key], value)
 
 
 @pytest.mark.parametrize("base", BASES)
