@@ -464,6 +464,10 @@ def format_report(report: dict) -> str:
         "'sent+recv' compares against 2x that (like for like). The all-reduce payload counts once.",
         f"Targets (issue 3): busiest-rank clip FLOPs <= {FLOP_TARGET}/W of the redundant clip; engine traffic per "
         f"rank (sent + received) <= {BYTES_TARGET:g}x the traffic of ZeRO-1's param all-gather (sent + received).",
+        "Bound: a rank holding 1/W of a matrix that is rebuilt elsewhere sends and gets back its piece, so "
+        "rebuilding every matrix once moves ~4(W-1)/W² of the model per rank, while ZeRO-1's all-gather moves "
+        "2(DP-1)/(DP·TP): no gather-to-owner scheme meets 1x at DP = 2 with TP >= 4 (owners are picked among the "
+        "holders, which is why TP = 1 moves far less).",
         "",
     ]
     for m in report["models"]:
