@@ -20,12 +20,13 @@ without native bf16 matmuls run `paper` ~100x slower than fp32, so the CPU defau
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
 
 import torch
+
+from . import publish
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..ops import soft_spectral_clip, soft_spectral_clip_svd
@@ -192,12 +193,7 @@ def run(args) -> int:
     started = time.perf_counter()
     rows = benchmark(sizes, methods, args.repeats, device, args.threshold, args.time_ratio)
     device_name = torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"spectra bench clip on {device_name}, c = {args.threshold:g}, fp32 input\n")
-    print(format_table(rows, args.time_ratio))
-    print(f"\nTotal time: {time.perf_counter() - started:.1f} s")
-    if args.json:
-        config = {"device": device_name, "threshold": args.threshold, "time_ratio": args.time_ratio,
-                  "repeats": args.repeats, "sizes": sizes, "methods": methods}
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "rows": rows}, f, indent=1)
-    return 0
+    config = {"device": device_name, "threshold": args.threshold, "time_ratio": args.time_ratio,
+              "repeats": args.repeats, "sizes": sizes, "methods": methods}
+    table = f"spectra bench clip on {device_name}, c = {args.threshold:g}, fp32 input\n\n" + format_table(rows, args.time_ratio)
+    return publish(table, {"config": config, "rows": rows}, started, args.json)

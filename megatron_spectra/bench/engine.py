@@ -34,7 +34,6 @@ ratios lean against the engine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -42,6 +41,8 @@ import time
 from dataclasses import asdict
 
 import torch
+
+from . import publish
 
 from .simulated import (  # noqa: F401  (the tests reach them through this module too)
     ALIGN,
@@ -381,21 +382,4 @@ def run(args) -> int:
         timeout=getattr(args, "timeout", 1800.0),
     )
     report["config"]["total_seconds"] = time.perf_counter() - started
-    print()
-    print(format_report(report))
-    print(f"Total time: {report['config']['total_seconds']:.1f} s")
-    if getattr(args, "json", None):
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spectra bench")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return publish(format_report(report), report, started, getattr(args, "json", None))

@@ -28,11 +28,12 @@ CPU's slow bf16 matmuls; `--mode accurate` (fp32) is the representative CPU numb
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+
+from . import publish
 from torch.distributed.tensor import DTensor
 
 from ..fsdp import FSDPSpectra
@@ -196,9 +197,4 @@ def run(args) -> int:
         raise SystemExit(f"spectra bench fsdp: --layout {args.layout} needs an even --world")
     started = time.perf_counter()
     report = benchmark(cfg, timeout=args.timeout)
-    print(format_report(report))
-    print(f"Total time: {time.perf_counter() - started:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
+    return publish(format_report(report), report, started, args.json)

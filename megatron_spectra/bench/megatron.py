@@ -26,12 +26,12 @@ communication balance is not a GPU's: read the ratios, not the milliseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, replace
 
-from .engine import MODELS, Model
+from . import publish
+from .simulated import MODELS, Model
 
 TP, DP = 2, 2
 ANCHORS = {"160m": "+18.7%", "820m": "+2.1%"}  # official code, 4x H100, redundant clipping (rebuttal Table 1)
@@ -236,21 +236,4 @@ def run(args) -> int:
     report = benchmark(models, args.scale, args.layers, optimizers, args.steps, args.warmup, args.seq,
                        2, args.global_batch, args.threshold, args.timeout)
     report["config"]["total_seconds"] = time.perf_counter() - started
-    print()
-    print(format_report(report))
-    print(f"Total time: {report['config']['total_seconds']:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spectra bench")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return publish(format_report(report), report, started, args.json)

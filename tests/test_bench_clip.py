@@ -1,0 +1,19 @@
+"""`spectra bench clip` runs, and its numbers say what the issue asks of the operators."""
+
+import json
+
+from megatron_spectra.cli.main import main
+
+
+def test_bench_clip_measures_accuracy_and_matmuls(tmp_path, capsys):
+    path = tmp_path / "clip.json"
+    assert main(["bench", "clip", "--sizes", "48", "--repeats", "1", "--methods", "svd,accurate,paper-fp32",
+                 "--json", str(path)]) == 0
+    assert "| 48x48 | accurate |" in capsys.readouterr().out
+    rows = {(tuple(r["shape"]), r["method"]): r for r in json.loads(path.read_text())["rows"]}
+    for shape in [(48, 48), (192, 48)]:
+        accurate, paper = rows[shape, "accurate"]["ratios"], rows[shape, "paper-fp32"]["ratios"]
+        assert all(r["error"] <= 1e-3 for r in accurate.values()), accurate
+        assert paper["1000.0"]["error"] > 0.1  # the official 10 steps do not converge there
+        assert paper["100.0"]["matmuls"] == 32 and accurate["100.0"]["matmuls"] <= 2 * 32
+        assert rows[shape, "svd"]["ratios"]["1.0"]["svds"] == 1
