@@ -12,8 +12,8 @@ setup(
     # machine without one; the README's set-up command installs the pinned CPU wheel first.
     install_requires=["torch>=2.4", "numpy", "pyyaml"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
-        "megatron": ["megatron-core>=0.16.1"],
+        "test": ["pytest>=7", "pytest-timeout", "psutil"],  # psutil: megatron-core's torch_dist writer forks workers that need it
+        "megatron": ["megatron-core>=0.16.1", "psutil"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["spectra=megatron_spectra.cli.main:main"]},
