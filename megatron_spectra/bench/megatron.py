@@ -16,7 +16,8 @@ to Megatron's Adam:
 - adam: megatron-core's own optimizer (torch AdamW without TE/apex);
 - spectra-adamw paper / accurate: our optimizer, each full matrix clipped once by the engine;
 - redundant (paper): the official code's way, every rank rebuilds and clips every full
-  matrix (here: one all-reduce per matrix to rebuild it from the TP x ZeRO pieces).
+  matrix (here: one all-reduce per matrix to rebuild it from the TP x ZeRO pieces);
+- `-fp32`: the paper's 10 steps in fp32 (the default on CPU, whose bf16 matmuls are emulated).
 
 The anchor is the official code on 4x H100 (DDP, redundant clipping): +18.7% step time at
 160M and +2.1% at 820M over AdamW. CPU timings on shared cores are noisy and the compute /
@@ -28,6 +29,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
+import torch
 from dataclasses import asdict, replace
 
 from . import publish
@@ -35,7 +38,11 @@ from .simulated import MODELS, Model
 
 TP, DP = 2, 2
 ANCHORS = {"160m": "+18.7%", "820m": "+2.1%"}  # official code, 4x H100, redundant clipping (rebuttal Table 1)
-OPTIMIZERS = ("adam", "spectra-paper", "spectra-accurate", "redundant-paper")
+OPTIMIZERS = ("adam", "spectra-paper", "spectra-paper-fp32", "spectra-accurate", "redundant-paper", "redundant-paper-fp32")
+# CPUs without bf16 matmul units run the paper's bf16 Newton-Schulz ~100x slower than fp32,
+# which would time the CPU's bf16 emulation, not the optimizer: there the paper's 10 steps
+# run in fp32 (its own --fp32 option), the same matmuls a GPU runs in bf16.
+CPU_DEFAULT = ("adam", "spectra-paper-fp32", "spectra-accurate", "redundant-paper-fp32")
 
 
 # ----------------------------------------------------------------------------- one process
@@ -51,8 +58,8 @@ def _optimizer_config(name: str, threshold: float):
         return OptimizerConfig(optimizer="adam", **common)
     mode = name.split("-")[1]
     return SpectraOptimizerConfig(
-        optimizer="spectra-adamw", spectra_mode=mode, spectra_clip_threshold=threshold,
-        spectra_clip_schedule="constant", **common,
+        optimizer="spectra-adamw", spectra_mode=mode, spectra_ns_fp32=name.endswith("fp32"),
+        spectra_clip_threshold=threshold, spectra_clip_schedule="constant", **common,
     )
 
 
@@ -67,15 +74,16 @@ def _make_redundant(optimizer) -> None:
         if getattr(part, "is_stub_optimizer", True) or not hasattr(part, "spectra_entries"):
             continue
         entries, group, tp_rank = part.spectra_entries, part._clipper.group, part._tp_rank
-        engine_clip, mode = part._clip, part.spectra_config.spectra_mode
+        engine_clip, mode, fp32 = part._clip, part.spectra_config.spectra_mode, part.spectra_config.spectra_ns_fp32
 
-        def clip(directions, c, entries=entries, group=group, tp_rank=tp_rank, engine_clip=engine_clip, mode=mode):
+        def clip(directions, c, entries=entries, group=group, tp_rank=tp_rank, engine_clip=engine_clip, mode=mode,
+                 fp32=fp32):
             out = engine_clip(directions, c, kinds=("vector",))  # the 1-D params: negligible either way
             device = next((t.device for t in directions.values()), None)
             for e in (e for e in entries if e.kind == "matrix"):
                 full = full_matrix(e, directions.get(e.main) if e.main is not None else None, tp_rank, device)
                 dist.all_reduce(full, group=group)
-                clipped = soft_spectral_clip(full, c, mode=mode)
+                clipped = soft_spectral_clip(full, c, mode=mode, fp32=fp32)
                 if e.main is not None:
                     out[e.main] = local_piece(e, clipped).view_as(directions[e.main])
             return out
@@ -189,7 +197,7 @@ def format_report(report: dict) -> str:
         for name, v in t.items():
             ratio_step = f"{v['optimizer_step_ms'] / adam['optimizer_step_ms']:.2f}" if adam else "-"
             ratio_train = f"{v['train_step_ms'] / adam['train_step_ms']:.2f}" if adam else "-"
-            anchor = ANCHORS.get(r["model"], "") if name == "redundant-paper" else ""
+            anchor = ANCHORS.get(r["model"], "") if name.startswith("redundant-paper") else ""
             lines.append(
                 f"| {r['model']} | {s['layers']} x {s['hidden']} / {s['ffn']} / {s['vocab']} | {name} "
                 f"| {v['optimizer_step_ms']:.1f} | {ratio_step} | {v['train_step_ms']:.1f} | {ratio_train} | {anchor} |"
@@ -212,7 +220,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--models", default="160m,820m", help="comma-separated, from: " + ", ".join(MODELS))
     p.add_argument("--scale", type=int, default=8, help="divide hidden, ffn and vocab by this (default 8)")
     p.add_argument("--layers", type=int, default=None, help="override the depth (default: the model's, 12)")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"from: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--optimizers", default=None,
+                   help=f"from: {', '.join(OPTIMIZERS)} (default on CPU: {', '.join(CPU_DEFAULT)}; with CUDA: the bf16 ones)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
@@ -226,7 +235,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    default = CPU_DEFAULT if not torch.cuda.is_available() else [o for o in OPTIMIZERS if not o.endswith("fp32")]
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else list(default)
     bad = [m for m in models if m not in MODELS] + [o for o in optimizers if o not in OPTIMIZERS]
     if bad:
         raise SystemExit(f"spectra bench megatron: unknown {bad}; models {list(MODELS)}, optimizers {list(OPTIMIZERS)}")
