@@ -7,20 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .testing import TinyGPT, batches, build_model, init_parallel
-
-
-def _forward_step(data_iterator, model):
-    tokens = next(data_iterator)
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-    output = model(inputs, positions, None, labels=labels)
-
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        return loss, {"lm loss": loss.detach()}
-
-    return output, loss_func
+from .testing import TinyGPT, batches, build_model, init_parallel, lm_forward_step
 
 
 def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, global_batch: int,
@@ -60,7 +47,7 @@ def megatron_run(optimizer_config, spec: TinyGPT, tp: int, pp: int, steps: int, 
         if hook is not None:
             hook(step, model, optimizer)
         reduced = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=micro, model=[model],
+            forward_step_func=lm_forward_step, data_iterator=micro, model=[model],
             num_microbatches=per_rank // micro_batch, seq_length=spec.seq, micro_batch_size=micro_batch,
             forward_only=False,
         )
@@ -137,7 +124,7 @@ def reference_run(spec: TinyGPT, steps: int, global_batch: int, spectra_kwargs: 
     losses = []
     for batch in batches(spec, steps, global_batch):
         opt.zero_grad()
-        output, loss_func = _forward_step(iter([batch]), model)
+        output, loss_func = lm_forward_step(iter([batch]), model)
         loss, _ = loss_func(output)
         loss.backward()
         if clip_grad > 0:
