@@ -8,7 +8,7 @@ import torch
 from megatron_spectra.engine import LayoutMismatch, Placement, ShardedClipper, build_plan
 from megatron_spectra.engine.plan import matrix_parts
 from megatron_spectra.ops import ClipNumerics, soft_spectral_clip
-from megatron_spectra.testing import run_all_failures, run_distributed
+from megatron_spectra.launch.spawn import run_all_failures, run_distributed
 
 # ----------------------------------------------------------------------------- layouts
 

@@ -191,7 +191,7 @@ def benchmark(
     log=print,
 ) -> dict:
     """Runs every model x layout; returns every number (per rank) plus the summary rows."""
-    from ..testing import run_distributed
+    from ..launch.spawn import run_distributed
 
     report = {
         "config": {

@@ -37,9 +37,9 @@ from . import publish
 from torch.distributed.tensor import DTensor
 
 from ..fsdp import FSDPSpectra
-from ..fsdp.optimizer import _like, local
+from ..fsdp.optimizer import local, shard_like
 from ..fsdp.testing import param_groups
-from ..optim.spectra import _clip_one
+from ..optim.spectra import clip_update
 from .engine import local_piece
 
 OPTIMIZERS = ("torch AdamW", "Spectra-AdamW (engine)", "Spectra-AdamW (all-gather)")
@@ -54,13 +54,13 @@ class AllGatherSpectra(FSDPSpectra):
         outs, moved = [], 0
         for p, _, u, c, kind in items:
             if not isinstance(u, DTensor) or kind == "none":
-                outs.append(_clip_one(u, c, kind, self.numerics))
+                outs.append(clip_update(u, c, kind, self.numerics))
                 continue
             full = u.full_tensor()
             moved += 2 * 4 * (full.numel() - local(u).numel())  # received, and sent in a ring
             placement = self._placement(p, kind)
-            clipped = _clip_one(full, c, kind, self.numerics).reshape(placement.matrix_shape)
-            outs.append(_like(u, local_piece(clipped, placement).view_as(local(u))))
+            clipped = clip_update(full, c, kind, self.numerics).reshape(placement.matrix_shape)
+            outs.append(shard_like(u, local_piece(clipped, placement).view_as(local(u))))
         self.bytes_moved = moved
         return outs
 
@@ -126,7 +126,7 @@ def _timed(step, repeats: int, device) -> list[float]:
 
 
 def benchmark(cfg: dict, timeout: float = 1800.0) -> dict:
-    from ..testing import run_distributed
+    from ..launch.spawn import run_distributed
 
     backend = "nccl" if cfg["device"] == "cuda" else "gloo"
     ranks = run_distributed(_worker, cfg["world"], args=(cfg,), timeout=timeout, backend=backend, threads=cfg["threads"])

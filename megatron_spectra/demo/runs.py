@@ -88,7 +88,7 @@ def build_corpus(out: str) -> str:
 
 def run_all(argvs: list[list[str]], logs: list[str], size: int, backend: str, timeout: float) -> list[dict]:
     """Every run in turn on one world of `size` spawned processes; the summaries, in order."""
-    from ..testing import run_distributed
+    from ..launch.spawn import run_distributed
 
     return run_distributed(_worker, size, args=(argvs, logs, backend), timeout=timeout, backend=backend)[0]
 

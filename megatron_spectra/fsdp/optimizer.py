@@ -128,7 +128,7 @@ class FSDPSpectra(Spectra):
             return [u for _, _, u, _, _ in items]
         results = [u for _, _, u, _, _ in items]
         for i, piece, out in zip(chosen, pieces, outs):
-            results[i] = _like(items[i][2], out.view_as(piece))
+            results[i] = shard_like(items[i][2], out.view_as(piece))
         return results
 
     def agree_on_finite(self, finite: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ class FSDPSpectra(Spectra):
             self._step, self.skipped_steps = int(counters["spectra_step"]), int(counters["spectra_skipped_steps"])
 
 
-def _like(u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def shard_like(u: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out` (u's local shard, clipped) as a tensor laid out like u."""
     if not isinstance(u, DTensor):
         return out

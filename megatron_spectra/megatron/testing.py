@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..testing import DistributedFailure, free_port, run_distributed
+from ..launch.spawn import DistributedFailure, free_port, run_distributed
 
 __all__ = [
     "DistributedFailure", "TinyGPT", "batches", "build_model", "free_port", "init_parallel", "lm_forward_step",

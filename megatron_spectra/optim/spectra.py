@@ -182,7 +182,7 @@ class Spectra(torch.optim.Optimizer):
     def clip_directions(self, items) -> list[torch.Tensor]:
         """H_c of every (param, name, direction, c, kind). The one place a distributed
         subclass changes: here every tensor is whole and clipped in this process."""
-        return [_clip_one(u, c, kind, self.numerics) for _, _, u, c, kind in items]
+        return [clip_update(u, c, kind, self.numerics) for _, _, u, c, kind in items]
 
     def spectral_norm(self, param: torch.Tensor, tensor: torch.Tensor) -> float:
         """||tensor||_2 of a param-shaped tensor, for logging (an SVD)."""
@@ -239,7 +239,7 @@ class Spectra(torch.optim.Optimizer):
         self._step, self.skipped_steps = extra["step"], extra["skipped_steps"]
 
 
-def _clip_one(u: torch.Tensor, c: float, kind: str, numerics: ClipNumerics) -> torch.Tensor:
+def clip_update(u: torch.Tensor, c: float, kind: str, numerics: ClipNumerics) -> torch.Tensor:
     if kind == "none":
         return u
     if c <= 0:  # the end of a wsd-sqrt schedule: H_c -> 0 as c -> 0

@@ -60,7 +60,7 @@ def _process_group(cpu: bool):
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from ..testing import free_port
+        from ..launch.spawn import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

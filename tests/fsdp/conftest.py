@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_spectra.testing import run_distributed
+from megatron_spectra.launch.spawn import run_distributed
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("megatron.core")
 pytest.importorskip("psutil", reason="megatron-core's torch_dist checkpoint writer needs psutil")
 
-from megatron_spectra.testing import run_distributed  # noqa: E402
+from megatron_spectra.launch.spawn import run_distributed  # noqa: E402
 
 BASES = ("adamw", "signum", "ademamix")
 STEPS, SAVE_AT, GLOBAL_BATCH, MICRO_BATCH, LR = 4, 2, 8, 2, 1e-2

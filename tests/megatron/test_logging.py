@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from megatron_spectra.testing import run_distributed  # noqa: E402
+from megatron_spectra.launch.spawn import run_distributed  # noqa: E402
 
 STEPS, C = 3, 0.5
 

@@ -89,7 +89,7 @@ def _torchrun(cwd: Path, script_args: list[str], tmp: Path, timeout: float = 900
 
 
 def _free_port() -> int:
-    from megatron_spectra.testing import free_port
+    from megatron_spectra.launch.spawn import free_port
 
     return free_port()
 

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from megatron_spectra.testing import run_distributed  # noqa: E402
+from megatron_spectra.launch.spawn import run_distributed  # noqa: E402
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, LR, C = 10, 8, 2, 1e-3, 0.5
 
@@ -123,7 +123,7 @@ def test_every_applied_matrix_step_is_within_lr_alpha_c():
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_a_nan_gradient_on_one_rank_skips_everywhere_or_raises(policy):
-    from megatron_spectra.testing import DistributedFailure
+    from megatron_spectra.launch.spawn import DistributedFailure
 
     args = ("adamw", 2, 1, True, {"spectra_nonfinite": policy, "clip_grad": 0.0}, _NaNAtStep3())
     if policy == "raise":
