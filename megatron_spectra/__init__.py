@@ -2,8 +2,9 @@
 
 Layers, from the bottom: `ops` (the clipping operators, pure math), `optim` (base-optimizer
 directions, threshold schedules, the single-process `Spectra`), `engine` (clipping matrices
-that live in shards across processes), `megatron` and `fsdp` (adapters), `train`, `launch`,
-`demo`, `bench` and `cli` (the `spectra` command) on top.
+that live in shards across processes), `megatron` and `fsdp` (adapters), `megatron_lm` (the
+Megatron-LM hook and script runner), `train`, `launch`, `bench` and `cli` (the `spectra`
+command, the main job `spectra demo` among its commands) on top.
 
 The names below are imported on first use, so that `import megatron_spectra.launch` (the
 launcher's dry runs) does not pay for torch.

@@ -9,7 +9,9 @@ def test_bench_clip_measures_accuracy_and_matmuls(tmp_path, capsys):
     path = tmp_path / "clip.json"
     assert main(["bench", "clip", "--sizes", "48", "--repeats", "1", "--methods", "svd,accurate,paper-fp32",
                  "--json", str(path)]) == 0
-    assert "| 48x48 | accurate |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| 48x48 | accurate |" in printed.out
+    assert "[1/2] 48x48: svd" in printed.err and "[2/2] 192x48: svd" in printed.err  # progress per shape, off the table
     rows = {(tuple(r["shape"]), r["method"]): r for r in json.loads(path.read_text())["rows"]}
     for shape in [(48, 48), (192, 48)]:
         accurate, paper = rows[shape, "accurate"]["ratios"], rows[shape, "paper-fp32"]["ratios"]

@@ -13,22 +13,6 @@ from megatron_spectra.launch.spawn import run_all_failures, run_distributed
 # ----------------------------------------------------------------------------- layouts
 
 
-def block_of(full: torch.Tensor, p: Placement) -> torch.Tensor:
-    m = full.reshape(1, -1) if p.is_vector else full
-    rows, cols = p.block_shape
-    b = p.tp_block
-    if p.tp_dim == 0:
-        return m[b * rows : (b + 1) * rows]
-    if p.tp_dim == 1:
-        return m[:, b * cols : (b + 1) * cols]
-    return m
-
-
-def local_piece(full: torch.Tensor, p: Placement) -> torch.Tensor:
-    start, end = p.range
-    return block_of(full, p).reshape(-1)[start:end].clone()
-
-
 def random_cuts(numel: int, pieces: int, rng: random.Random, style: str) -> list[tuple[int, int]]:
     """`pieces` contiguous ranges covering [0, numel): even, uneven mid-row, or with empties."""
     if style == "even":
@@ -106,13 +90,13 @@ def _engine_vs_reference(rank, world, tp, seed, mode, c):
     numerics = ClipNumerics(mode, fp32=True)
     names, fulls, layouts = scenario(world, tp, seed)
     mine = layouts[rank]
-    pieces = [local_piece(fulls[n], p) for n, p in zip(names, mine)]
+    pieces = [p.piece_of(fulls[n]) for n, p in zip(names, mine)]
     clipper = ShardedClipper(None, numerics, count_flops=True)
     outs = clipper.clip(pieces, mine, c, names)
     again = clipper.clip(pieces, mine, c, names)  # the cached plan gives the same answer
     errors = {}
     for name, p, out, out2 in zip(names, mine, outs, again):
-        want = local_piece(reference(fulls[name], p, c, numerics), p)
+        want = p.piece_of(reference(fulls[name], p, c, numerics))
         # Relative in the Frobenius norm of this piece: the engine sums Grams in another
         # order, and fp32 rounding of a Gram perturbs the clip of an ill-conditioned matrix
         # element-wise by up to ~eps·(s_max/c)² (1e-5 of the largest entry, measured).
@@ -216,3 +200,40 @@ def test_uncovered_elements_are_an_error():
 
 def test_mismatch_exception_type_is_public():
     assert issubclass(LayoutMismatch, ValueError)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("world, tp", [(1, 1), (3, 1), (4, 2), (8, 4)])
+def test_pieces_embed_back_into_their_full_tensors(world, tp):
+    """Every process's piece, embedded, sums to the full tensor (held ranges are disjoint),
+    and cutting the embedded piece gives the piece back."""
+    names, fulls, layouts = scenario(world, tp, seed=7)
+    for i, name in enumerate(names):
+        full, placements = fulls[name], [layouts[rank][i] for rank in range(world)]
+        if name == "replicated":  # every rank holding a block holds all of it: count one per block
+            placements = list({p.tp_block: p for p in placements}.values())
+        total = torch.zeros_like(full)
+        for p in placements:
+            piece = p.piece_of(full)
+            assert piece.shape == (p.local_numel,)
+            assert torch.equal(p.piece_of(p.embed(piece)), piece)
+            total += p.embed(piece)
+        assert torch.equal(total, full)
+
+
+def test_piece_of_cuts_the_tp_block_then_the_flat_range():
+    full = torch.arange(24.0).reshape(4, 6)
+    # column blocks of 3: block 1 is columns 3..5, flattened row-major, elements [2, 7)
+    p = Placement((4, 6), tp_dim=1, tp_size=2, tp_block=1, flat=(2, 7))
+    assert p.piece_of(full).tolist() == [5.0, 9.0, 10.0, 11.0, 15.0]
+    # row blocks of 2: block 1 is rows 2..3, elements [1, 4)
+    q = Placement((4, 6), tp_dim=0, tp_size=2, tp_block=1, flat=(1, 4))
+    assert q.piece_of(full).tolist() == [13.0, 14.0, 15.0]
+    embedded = q.embed(torch.tensor([-1.0, -2.0, -3.0]))
+    assert embedded.shape == (4, 6) and embedded[2, 1:4].tolist() == [-1.0, -2.0, -3.0]
+    assert embedded.abs().sum() == 6.0
+    v = Placement((8,), tp_dim=0, tp_size=2, tp_block=1)  # a vector's TP split cuts its columns
+    assert v.piece_of(torch.arange(8.0)).tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert v.embed(torch.ones(4)).tolist() == [0.0] * 4 + [1.0] * 4

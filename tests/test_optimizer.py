@@ -188,7 +188,8 @@ def test_nonfinite_gradient_raises_with_the_name_or_skips():
 
     skipping = Spectra(model.named_parameters(), lr=1e-3, nonfinite="skip")
     skipping.step()
-    assert skipping.skipped_steps == 1 and not skipping.state
+    assert skipping.skipped_steps == 1 and skipping.spectra_step == 0
+    assert all(int(s["step"]) == 0 and not s["exp_avg"].any() for s in skipping.state.values())  # moments untouched
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -228,3 +229,154 @@ def test_schedules_follow_their_formulas():
     for k in (820, 900, 990):
         eta_k = eta_max * (1 - math.sqrt((k - 800) / 200))
         assert wsd(k, eta_k, eta_max) == pytest.approx(10.0 * eta_k / eta_max)
+
+
+# ----------------------------------------------------------------------------- lr = 0, observers, apply_to
+
+
+def adamw_direction(grads, betas, eps):
+    """AdamW's U after the gradients `grads`, from its formula (bias-corrected moments)."""
+    b1, b2 = betas
+    m = v = 0
+    for g in grads:
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    k = len(grads)
+    return (m / (1 - b1**k)) / (v.sqrt() / math.sqrt(1 - b2**k) + eps)
+
+
+def test_at_lr_zero_the_moments_and_step_advance_but_not_the_weights():
+    """As the official code (Algorithm 3): a group at lr = 0 (warm-up start, frozen) takes its
+    base step, moments and count, and only the clip and the update are skipped."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=g))
+    grads = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    lr, wd, betas, eps = 0.1, 0.1, (0.9, 0.99), 1e-8
+    opt = Spectra([w], lr=0.0, weight_decay=wd, betas=betas, eps=eps, apply_to="none")
+    seen = []
+    opt.register_update_observer(seen.append)
+    w0 = w.detach().clone()
+    w.grad = grads[0].clone()
+    opt.step()
+    assert torch.equal(w.detach(), w0) and not seen  # no update, no clip
+    assert opt.spectra_step == 1 and int(opt.state[w]["step"]) == 1
+    torch.testing.assert_close(opt.state[w]["exp_avg"], (1 - betas[0]) * grads[0])
+    torch.testing.assert_close(opt.state[w]["exp_avg_sq"], (1 - betas[1]) * grads[0] ** 2)
+    opt.param_groups[0]["lr"] = lr
+    w.grad = grads[1].clone()
+    opt.step()  # the second step's bias corrections: k = 2
+    torch.testing.assert_close(w.detach(), (1 - lr * wd) * w0 - lr * adamw_direction(grads, betas, eps))
+    assert opt.spectra_step == 2 and len(seen) == 1
+
+
+def test_megatron_main_params_at_lr_zero_and_after():
+    """The Megatron path: a 1-D main-param shard, its clip kind and alpha from its entry."""
+    pytest.importorskip("megatron.core")
+    from megatron_spectra.engine import Placement
+    from megatron_spectra.megatron.layouts import Entry
+    from megatron_spectra.megatron.main_params import EntryClipper, MainParamSpectra
+    from megatron_spectra.ops import ClipNumerics
+    from megatron_spectra.optim import get_base
+
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(6, 4, generator=g)
+    grads = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    lr, wd, betas, eps, alpha = 0.1, 0.1, (0.9, 0.99), 1e-8, math.sqrt(6 / 4)
+    main = w0.reshape(-1).clone()  # what a ZeRO shard looks like: 1-D
+    entry = Entry("w", "matrix", alpha, True, main, Placement((6, 4), flat=(0, 24)))
+    numerics = ClipNumerics("accurate")
+
+    def build(group_lr):
+        return MainParamSpectra(
+            [{"params": [main], "lr": group_lr, "weight_decay": wd, "max_lr": lr}], get_base("adamw"),
+            dict(betas=betas, eps=eps), schedule=ThresholdSchedule(1e8, "constant"), pre_clip_schedule=None,
+            numerics=numerics, nonfinite="raise", specs={main: entry}, clipper=EntryClipper([entry], None, numerics),
+        )
+
+    opt = build(0.0)
+    main.grad = grads[0].reshape(-1).clone()
+    opt.step()
+    assert torch.equal(main, w0.reshape(-1))
+    group = opt.param_groups[0]
+    assert group["spectra_step"] == group["step"] == 1 and int(opt.state[main]["step"]) == 1
+    torch.testing.assert_close(opt.state[main]["exp_avg"], (1 - betas[0]) * grads[0].reshape(-1))
+    saved = copy.deepcopy(opt.state_dict())
+
+    opt = build(lr)  # as Megatron resumes: its own load, then restore_step
+    opt.load_state_dict(saved)
+    opt.param_groups[0]["lr"] = lr
+    opt.restore_step()
+    main.grad = grads[1].reshape(-1).clone()
+    opt.step()  # c = 1e8: H_c(U) = U to ~(s/c)^2
+    want = (1 - lr * wd) * w0 - lr * alpha * adamw_direction(grads, betas, eps)
+    torch.testing.assert_close(main.view(6, 4), want)
+    assert opt.param_groups[0]["step"] == 2
+
+
+def named_model(seed=0):
+    torch.manual_seed(seed)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(40, 16)
+            self.hidden = torch.nn.Linear(16, 48, bias=False)
+            self.norm = torch.nn.LayerNorm(48)
+            self.lm_head = torch.nn.Linear(48, 40, bias=False)
+
+        def forward(self, x):
+            return self.lm_head(self.norm(self.hidden(self.embed(x))))
+
+    return LM()
+
+
+def test_update_observers_see_u_and_the_applied_h_c_of_u():
+    model = named_model()
+    lr, c = 0.1, 0.05
+    opt = Spectra(model.named_parameters(), lr=lr, clip_threshold=c, clip_schedule="constant", mode="accurate")
+    seen = []
+    handle = opt.register_update_observer(seen.append)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, 1)
+    (updates,) = seen
+    assert {u.spec.name for u in updates} == set(before)  # apply_to="all": every param is clipped
+    for u in updates:
+        grad = u.param.grad
+        torch.testing.assert_close(u.u, grad / (grad.abs() + 1e-8))  # AdamW's first U
+        applied = (before[u.spec.name] - u.param.detach()) / (lr * u.spec.scale)
+        torch.testing.assert_close(u.h, applied, rtol=1e-4, atol=1e-5)  # what reached the weights
+        if u.spec.kind == "matrix":
+            assert torch.linalg.matrix_norm(u.h.double(), ord=2) <= c * (1 + 1e-4)
+    handle.remove()
+    train(model, opt, 1, first=1)
+    assert len(seen) == 1
+
+
+def test_apply_to_hidden_leaves_embedding_and_output_layer_unclipped():
+    model = named_model()
+    opt = Spectra(model.named_parameters(), lr=0.1, clip_threshold=1e-3, clip_schedule="constant", apply_to="hidden")
+    seen = []
+    opt.register_update_observer(seen.append)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, 1)
+    assert [u.spec.name for u in seen[0]] == ["hidden.weight"]
+    moved = {n: (before[n] - p.detach()) for n, p in model.named_parameters()}
+    for name in ("embed.weight", "lm_head.weight", "norm.weight"):  # plain AdamW: touched entries move by ~lr
+        assert moved[name].abs().max() > 0.05, name
+    bound = 0.1 * matrix_scale(model.hidden.weight.shape) * 1e-3
+    assert torch.linalg.matrix_norm(moved["hidden.weight"], ord=2) <= bound * 1.01
+
+
+@pytest.mark.parametrize(
+    "name, outer",
+    [("tok_embeddings.weight", True), ("model.embed_tokens.weight", True), ("transformer.wte.weight", True),
+     ("lm_head.weight", True), ("output.weight", True), ("output_layer.weight", True),
+     ("layers.0.attention.wq.weight", False), ("0.weight", False)],
+)
+def test_hidden_tells_embedding_and_output_by_mark_then_name(name, outer):
+    from megatron_spectra.optim import clip_kind
+
+    w = torch.nn.Parameter(torch.zeros(4, 3))
+    assert clip_kind(w, "hidden", name=name) == ("none" if outer else "matrix")
+    w.is_embedding_or_output_parameter = not outer  # Megatron's mark wins over the name
+    assert clip_kind(w, "hidden", name=name) == ("matrix" if outer else "none")
+    assert clip_kind(w, "hidden", override="matrix", name=name) == "matrix"  # and a group's "clip" over both

@@ -105,7 +105,7 @@ def test_batched_matches_one_at_a_time():
 
 
 def official_clip_sigvals(G, clip_c, ns_iter=10, use_float32=False):
-    """An independent line-by-line transcription of the official algorithm (SPEC.md section 1)."""
+    """An independent line-by-line transcription of the official algorithm (mlolab/llm-spectral-clipping, src/optim/post_process.py, commit ed9df11)."""
     if G.ndim == 1:
         norm = G.norm()
         return G if norm <= clip_c else G / torch.sqrt(1 + (norm / clip_c) ** 2)
@@ -142,7 +142,7 @@ def test_paper_mode_is_the_official_algorithm(shape, fp32, ns_steps):
 
 
 def test_paper_mode_error_grows_with_the_ratio_as_documented():
-    # SPEC.md section 1: accurate to ~1.5e-3 while s_max/c <~ 10, ~0.2 at 100 (fp32, 10 steps).
+    # The official 10 fp32 steps are accurate to ~1.5e-3 while s_max/c <~ 10, ~0.2 at 100 (fp32, 10 steps).
     c = 1.0
     x, s = make_matrix(128, 256, 5.0, "log")
     assert singular_value_error(soft_spectral_clip(x.float(), c, fp32=True), s[s >= 0.05 * c], c) < 5e-3

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -99,32 +100,37 @@ def _seconds(fn, repeats: int, device: torch.device) -> list[float]:
 
 
 def benchmark(sizes, methods, repeats: int, device: torch.device, threshold: float = 10.0,
-              time_ratio: float = 100.0, tall: int = 4) -> list[dict]:
-    """One row per (shape, method): time at `time_ratio`, and per ratio matmuls, FLOPs, error."""
+              time_ratio: float = 100.0, tall: int = 4, progress=None) -> list[dict]:
+    """One row per (shape, method): time at `time_ratio`, and per ratio matmuls, FLOPs, error.
+    progress(text), if given, hears of each shape as it finishes (large ones take minutes)."""
     ratios = sorted(set(RATIOS) | {time_ratio})
+    shapes = [(m, n) for d in sizes for m, n in ((d, d), (tall * d, d))]
     rows = []
-    for d in sizes:
-        for m, n in ((d, d), (tall * d, d)):
-            inputs = {r: make_matrix(m, n, r * threshold, device) for r in ratios}
-            exact = {r: torch.linalg.svdvals(x.double()) for r, x in inputs.items()}
-            for name in methods:
-                fn = METHODS[name]
-                row = {"shape": [m, n], "method": name, "ratios": {}}
-                for r, x in inputs.items():
-                    # The counted call is also the warm-up of the timed ones.
-                    with MatmulCounter() as count:
-                        out = fn(x, threshold)
-                    _sync(device)
-                    row["ratios"][r] = {
-                        "matmuls": count.matmuls,
-                        "svds": count.svds,
-                        "flops": count.flops,
-                        "error": singular_value_error(out, exact[r], threshold),
-                    }
-                    if r == time_ratio:
-                        row["seconds"] = _seconds(lambda: fn(x, threshold), repeats, device)
-                        row["median_s"] = statistics.median(row["seconds"])
-                rows.append(row)
+    started = time.perf_counter()
+    for i, (m, n) in enumerate(shapes):
+        inputs = {r: make_matrix(m, n, r * threshold, device) for r in ratios}
+        exact = {r: torch.linalg.svdvals(x.double()) for r, x in inputs.items()}
+        for name in methods:
+            fn = METHODS[name]
+            row = {"shape": [m, n], "method": name, "ratios": {}}
+            for r, x in inputs.items():
+                # The counted call is also the warm-up of the timed ones.
+                with MatmulCounter() as count:
+                    out = fn(x, threshold)
+                _sync(device)
+                row["ratios"][r] = {
+                    "matmuls": count.matmuls,
+                    "svds": count.svds,
+                    "flops": count.flops,
+                    "error": singular_value_error(out, exact[r], threshold),
+                }
+                if r == time_ratio:
+                    row["seconds"] = _seconds(lambda: fn(x, threshold), repeats, device)
+                    row["median_s"] = statistics.median(row["seconds"])
+            rows.append(row)
+        if progress:
+            times = ", ".join(f"{r['method']} {1e3 * r['median_s']:.1f} ms" for r in rows[-len(methods):])
+            progress(f"[{i + 1}/{len(shapes)}] {m}x{n}: {times} ({time.perf_counter() - started:.0f} s so far)")
     return rows
 
 
@@ -191,7 +197,8 @@ def run(args) -> int:
     if args.repeats < 1 or not math.isfinite(args.time_ratio) or args.time_ratio <= 0:
         raise SystemExit("spectra bench clip: --repeats must be >= 1 and --time-ratio > 0")
     started = time.perf_counter()
-    rows = benchmark(sizes, methods, args.repeats, device, args.threshold, args.time_ratio)
+    rows = benchmark(sizes, methods, args.repeats, device, args.threshold, args.time_ratio,
+                     progress=lambda text: print(text, file=sys.stderr, flush=True))
     device_name = torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)"
     config = {"device": device_name, "threshold": args.threshold, "time_ratio": args.time_ratio,
               "repeats": args.repeats, "sizes": sizes, "methods": methods}

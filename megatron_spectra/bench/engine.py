@@ -53,7 +53,6 @@ from .simulated import (  # noqa: F401  (the tests reach them through this modul
     Model,
     buffer_layout,
     default_layouts,
-    local_piece,
     model_params,
     moonlight_bytes,
     rank_placements,
@@ -93,7 +92,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
     for u, p, start in zip(updates, placements, starts):
         lo, hi = p.range
         if hi > lo:
-            shard[start + lo - r0 : start + hi - r0] = local_piece(u, p)
+            shard[start + lo - r0 : start + hi - r0] = p.piece_of(u)
 
     def redundant():
         buffer = torch.empty(total)
@@ -112,7 +111,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
                     full = gathered.view(layout.tp, rows, cols // layout.tp).permute(1, 0, 2).reshape(rows, cols)
             else:
                 full = block.view(param.shape)
-            results.append(local_piece(soft_spectral_clip(full, c, mode=mode), p))  # back to the shard
+            results.append(p.piece_of(soft_spectral_clip(full, c, mode=mode)))  # back to the shard
         return results
 
     reference, seconds = _timed(redundant, repeats)
@@ -120,7 +119,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
 
     for strategy in cfg["strategies"]:
         placements = rank_placements(params, layout, rank, strategy)
-        pieces = [local_piece(u, p) for u, p in zip(updates, placements)]
+        pieces = [p.piece_of(u) for u, p in zip(updates, placements)]
         counted = ShardedClipper(None, numerics, count_flops=True)
         clipped = counted.clip(pieces, placements, c, names)
         stats = counted.stats

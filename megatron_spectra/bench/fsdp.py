@@ -37,32 +37,40 @@ from . import publish
 from torch.distributed.tensor import DTensor
 
 from ..fsdp import FSDPSpectra
-from ..fsdp.optimizer import local, shard_like
-from ..fsdp.testing import param_groups
-from ..optim.spectra import clip_update
-from .engine import local_piece
+from ..fsdp.optimizer import DTensorClipper, local, shard_like
+from ..optim.step import clip_update
+from .models import LlamaConfig, TinyLlama, batch, loss_fn, param_groups, parallelize
 
 OPTIMIZERS = ("torch AdamW", "Spectra-AdamW (engine)", "Spectra-AdamW (all-gather)")
 
 
-class AllGatherSpectra(FSDPSpectra):
+class AllGatherClipper(DTensorClipper):
     """The naive port: all-gather every full update, clip it on every rank, keep the local piece."""
 
     bytes_moved = 0
 
-    def clip_directions(self, items):
+    def clip(self, items, c, stage="update"):
         outs, moved = [], 0
-        for p, _, u, c, kind in items:
-            if not isinstance(u, DTensor) or kind == "none":
-                outs.append(clip_update(u, c, kind, self.numerics))
+        for item in items:
+            u = item.tensor
+            if not isinstance(u, DTensor):
+                outs.append(clip_update(u, c, item.kind, self.numerics))
                 continue
             full = u.full_tensor()
             moved += 2 * 4 * (full.numel() - local(u).numel())  # received, and sent in a ring
-            placement = self._placement(p, kind)
-            clipped = clip_update(full, c, kind, self.numerics).reshape(placement.matrix_shape)
-            outs.append(shard_like(u, local_piece(clipped, placement).view_as(local(u))))
+            placement = self.placement(item.param, item.kind)
+            clipped = clip_update(full, c, item.kind, self.numerics)
+            outs.append(shard_like(u, placement.piece_of(clipped).view_as(local(u))))
         self.bytes_moved = moved
         return outs
+
+
+class AllGatherSpectra(FSDPSpectra):
+    """FSDPSpectra with the naive port's clip."""
+
+    def _use_engine(self) -> None:
+        super()._use_engine()
+        self.clipper = AllGatherClipper(self.group, self._clip_group, self._placements, self.numerics)
 
 
 def _build(name: str, model, cfg: dict):
@@ -76,8 +84,6 @@ def _build(name: str, model, cfg: dict):
 
 
 def _worker(rank: int, world: int, cfg: dict) -> dict:
-    from ..fsdp.testing import LlamaConfig, TinyLlama, batch, loss_fn, parallelize
-
     device = torch.device(cfg["device"], rank) if cfg["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -98,10 +104,10 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
 
 def _bytes(name: str, opt) -> int:
     if name == OPTIMIZERS[1]:
-        s = opt._clipper.stats
+        s = opt.clipper.stats
         return s.bytes_sent + s.bytes_received + s.allreduce_bytes
     if name == OPTIMIZERS[2]:
-        return opt.bytes_moved
+        return opt.clipper.bytes_moved
     return 0
 
 

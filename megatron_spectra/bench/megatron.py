@@ -3,7 +3,9 @@
     spectra bench megatron [--models 160m,820m] [--scale 8] [--layers 12] [--steps 10]
 
 A LLaMA-style GPT of the paper's 160M and 820M shapes (SwiGLU, RoPE, RMSNorm, untied
-embeddings) in real megatron-core: TP=2 x DP=2 on 4 local CPU processes (gloo), DDP with the
+embeddings), built and optimized by the built-in trainer's pieces (`train.model`,
+`train.loop`: its flags, DDP wrapper and optimizer factory) in real megatron-core, on random
+tokens: TP=2 x DP=2 on 4 local CPU processes (gloo), DDP with the
 distributed optimizer (ZeRO-1), fp32. On CPU the widths are divided by `--scale` (hidden,
 ffn and vocabulary; heads, depth and every shape ratio kept), and the output says so.
 
@@ -34,7 +36,7 @@ import torch
 from dataclasses import asdict, replace
 
 from . import publish
-from .simulated import MODELS, Model
+from .simulated import MODELS
 
 TP, DP = 2, 2
 ANCHORS = {"160m": "+18.7%", "820m": "+2.1%"}  # official code, 4x H100, redundant clipping (rebuttal Table 1)
@@ -48,47 +50,70 @@ CPU_DEFAULT = ("adam", "spectra-paper-fp32", "spectra-accurate", "redundant-pape
 # ----------------------------------------------------------------------------- one process
 
 
-def _optimizer_config(name: str, threshold: float):
-    from megatron.core.optimizer import OptimizerConfig
+def _args(cfg: dict, name: str):
+    """The built-in trainer's flags for the model (LLaMA-style, Megatron-LM names) and optimizer."""
+    from ..train.args import parse_args
 
-    from ..megatron.config import SpectraOptimizerConfig
-
-    common = dict(lr=1e-3, weight_decay=0.1, clip_grad=1.0, use_distributed_optimizer=True)
+    m = cfg["model"]
+    flags = (
+        f"--num-layers {m['layers']} --hidden-size {m['hidden']} --ffn-hidden-size {m['ffn']} "
+        f"--num-attention-heads {m['heads']} --seq-length {cfg['seq']} --swiglu --normalization RMSNorm "
+        "--position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear "
+        f"--hidden-dropout 0 --attention-dropout 0 --tensor-model-parallel-size {TP} --use-distributed-optimizer "
+        f"--micro-batch-size {cfg['micro_batch']} --global-batch-size {cfg['global_batch']} "
+        "--lr 1e-3 --weight-decay 0.1 --clip-grad 1.0"
+    ).split()
     if name == "adam":
-        return OptimizerConfig(optimizer="adam", **common)
-    mode = name.split("-")[1]
-    return SpectraOptimizerConfig(
-        optimizer="spectra-adamw", spectra_mode=mode, spectra_ns_fp32=name.endswith("fp32"),
-        spectra_clip_threshold=threshold, spectra_clip_schedule="constant", **common,
-    )
+        return parse_args(flags + ["--optimizer", "adam"], TP * DP)
+    spectra = ["--optimizer", "spectra-adamw", "--spectra-mode", name.split("-")[1], "--spectra-clip-threshold",
+               str(cfg["threshold"]), "--spectra-clip-schedule", "constant"]
+    return parse_args(flags + spectra + (["--spectra-ns-fp32"] if name.endswith("fp32") else []), TP * DP)
 
 
 def _make_redundant(optimizer) -> None:
     """Every rank rebuilds every full matrix and clips it itself (the official code's cost)."""
-    import torch.distributed as dist
-
-    from ..megatron.update_norms import full_matrix, local_piece
-    from ..ops import soft_spectral_clip
-
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(part, "is_stub_optimizer", True) or not hasattr(part, "spectra_entries"):
-            continue
-        entries, group, tp_rank = part.spectra_entries, part._clipper.group, part._tp_rank
-        engine_clip, mode, fp32 = part._clip, part.spectra_config.spectra_mode, part.spectra_config.spectra_ns_fp32
+        if getattr(part, "spectra_entries", None):
+            part.optimizer.clipper = RedundantClipper(part)
 
-        def clip(directions, c, entries=entries, group=group, tp_rank=tp_rank, engine_clip=engine_clip, mode=mode,
-                 fp32=fp32):
-            out = engine_clip(directions, c, kinds=("vector",))  # the 1-D params: negligible either way
-            device = next((t.device for t in directions.values()), None)
-            for e in (e for e in entries if e.kind == "matrix"):
-                full = full_matrix(e, directions.get(e.main) if e.main is not None else None, tp_rank, device)
-                dist.all_reduce(full, group=group)
-                clipped = soft_spectral_clip(full, c, mode=mode, fp32=fp32)
-                if e.main is not None:
-                    out[e.main] = local_piece(e, clipped).view_as(directions[e.main])
-            return out
 
-        part.optimizer.clip_fn = clip
+class RedundantClipper:
+    """A Spectra Megatron optimizer's clipper the official way: one all-reduce per matrix
+    rebuilds it from the TP x ZeRO pieces on every rank, and every rank clips it."""
+
+    def __init__(self, part):
+        from megatron.core import parallel_state
+
+        from ..megatron.main_params import EntryClipper
+
+        clipper, numerics = part.spectra_clipper, part.optimizer.numerics
+        self.matrices = [e for e in clipper.entries if e.kind == "matrix"]
+        # the 1-D params through the engine: negligible either way
+        self.vectors = EntryClipper([e for e in clipper.entries if e.kind == "vector"], clipper.group, numerics)
+        self.group, self.numerics = clipper.group, numerics
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+    def clip(self, items, c, stage="update"):
+        import torch.distributed as dist
+
+        from ..megatron.update_norms import full_matrix
+        from ..ops import soft_spectral_clip
+
+        vectors = [item for item in items if item.kind == "vector"]
+        outs = dict(zip((item.param for item in vectors), self.vectors.clip(vectors, c, stage)))
+        given = {item.param: item for item in items}
+        device = next((e.main.device for e in self.matrices if e.main is not None), None)
+        for e in self.matrices:
+            item = given.get(e.main) if e.main is not None else None
+            full = full_matrix(e, item.tensor if item is not None else None, self.tp_rank, device)
+            dist.all_reduce(full, group=self.group)
+            clipped = soft_spectral_clip(full, c, mode=self.numerics.mode, fp32=self.numerics.fp32)
+            if item is not None:
+                outs[e.main] = e.placement.piece_of(clipped).view_as(item.tensor)
+        return [outs[item.param] for item in items]
+
+    def find_nonfinite(self, tensors):
+        return self.vectors.find_nonfinite(tensors)
 
 
 def _slowest(seconds: float) -> float:
@@ -100,40 +125,50 @@ def _slowest(seconds: float) -> float:
     return t.item()
 
 
-def _time_one(name: str, spec, cfg: dict) -> dict:
+def _batches(cfg: dict, steps: int) -> list[torch.Tensor]:
+    """Random token batches (global batch, seq + 1), the same on every rank and for every optimizer."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, cfg["model"]["vocab"], (cfg["global_batch"], cfg["seq"] + 1), generator=g) for _ in range(steps)]
+
+
+def _micro_batches(tokens: torch.Tensor, micro: int) -> list[dict]:
+    """The trainer's forward_step input: GPTDataset's sample layout, every token counted."""
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+    batch = {"tokens": inputs, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float), "position_ids": positions}
+    return [dict(zip(batch, parts)) for parts in zip(*(t.split(micro) for t in batch.values()))]
+
+
+def _time_one(name: str, cfg: dict) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from ..megatron.factory import get_megatron_optimizer
-    from ..megatron.testing import batches, build_model, init_parallel, lm_forward_step
+    from ..train.loop import build_optimizer, global_loss, set_seed, wrap_ddp
+    from ..train.model import build_model, forward_step
 
-    init_parallel(TP, 1, spec.seed, DP)
-    module = build_model(spec, TP)
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True)
-    model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
-    module.config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(_optimizer_config(name, cfg["threshold"]), [model])
+    args = _args(cfg, name)
+    set_seed(args.seed)  # the same initial weights for every optimizer
+    model = wrap_ddp(build_model(args, cfg["model"]["vocab"]), args)
+    optimizer = build_optimizer(args, model)
     if name.startswith("redundant"):
         _make_redundant(optimizer)
     dp_rank, micro, per_rank = parallel_state.get_data_parallel_rank(), cfg["micro_batch"], cfg["global_batch"] // DP
-    steps, losses = cfg["warmup"] + cfg["steps"], []
-    step_times, train_times = [], []
-    for step, batch in enumerate(batches(spec, steps, cfg["global_batch"])):
-        mine = batch[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    losses, step_times, train_times = [], [], []
+    for step, batch in enumerate(_batches(cfg, cfg["warmup"] + cfg["steps"])):
+        mine = _micro_batches(batch[dp_rank * per_rank : (dp_rank + 1) * per_rank], micro)
         dist.barrier()
         start = time.perf_counter()
         model.zero_grad_buffer()
         optimizer.zero_grad()
         reduced = get_forward_backward_func()(
-            forward_step_func=lm_forward_step, data_iterator=iter(mine.split(micro)), model=[model],
-            num_microbatches=per_rank // micro, seq_length=spec.seq, micro_batch_size=micro, forward_only=False,
+            forward_step_func=forward_step, data_iterator=iter(mine), model=[model],
+            num_microbatches=len(mine), seq_length=cfg["seq"], micro_batch_size=micro, forward_only=False,
         )
         before_step = time.perf_counter()
         optimizer.step()
         end = time.perf_counter()
-        losses.append(float(sum(r["lm loss"] for r in reduced)))
+        losses.append(global_loss(reduced))
         if step >= cfg["warmup"]:
             step_times.append(_slowest(end - before_step))
             train_times.append(_slowest(end - start))
@@ -146,12 +181,22 @@ def _time_one(name: str, spec, cfg: dict) -> dict:
 
 
 def _worker(rank: int, world: int, cfg: dict) -> dict:
-    from ..megatron.testing import TinyGPT
+    """Every optimizer in turn, in one megatron-core world on CPU (TP x DP)."""
+    import warnings
 
-    m = Model(**cfg["model"])
-    spec = TinyGPT(layers=m.layers, hidden=m.hidden, heads=m.heads, query_groups=m.heads, ffn=m.ffn,
-                   vocab=m.vocab, seq=cfg["seq"])
-    return {name: _time_one(name, spec, cfg) for name in cfg["optimizers"]}
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from ..megatron.cpu import megatron_on_cpu
+
+    warnings.filterwarnings("ignore")  # megatron warns about apex/TE and deprecations on every rank
+    with megatron_on_cpu():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+        try:
+            return {name: _time_one(name, cfg) for name in cfg["optimizers"]}
+        finally:
+            get_cuda_rng_tracker().reset()
+            parallel_state.destroy_model_parallel()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -160,7 +205,7 @@ def _worker(rank: int, world: int, cfg: dict) -> dict:
 def benchmark(models: list[str], scale: int, layers: int | None, optimizers: list[str], steps: int = 10,
               warmup: int = 3, seq: int = 128, micro_batch: int = 2, global_batch: int = 8,
               threshold: float = 10.0, timeout: float = 1800.0, log=print) -> dict:
-    from ..megatron.testing import run_megatron
+    from ..launch.spawn import run_distributed
 
     results = []
     for name in models:
@@ -170,7 +215,7 @@ def benchmark(models: list[str], scale: int, layers: int | None, optimizers: lis
         cfg = dict(model=asdict(model), optimizers=optimizers, steps=steps, warmup=warmup, seq=seq,
                    micro_batch=micro_batch, global_batch=global_batch, threshold=threshold)
         log(f"{name}: {model} at TP={TP} x DP={DP} ...", flush=True)
-        per_rank = run_megatron(_worker, tp=TP, dp=DP, args=(cfg,), timeout=timeout)
+        per_rank = run_distributed(_worker, TP * DP, args=(cfg,), timeout=timeout)
         results.append({"model": name, "shape": asdict(model), "timings": per_rank[0]})
         for optimizer, t in per_rank[0].items():  # as it comes: a long run shows its numbers early
             log(f"  {optimizer}: optimizer step {t['optimizer_step_ms']:.1f} ms, train step {t['train_step_ms']:.1f} ms", flush=True)

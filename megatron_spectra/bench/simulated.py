@@ -159,22 +159,6 @@ def rank_placements(params, layout: Layout, rank: int, strategy: str):
     return out
 
 
-def block_of(full: torch.Tensor, placement) -> torch.Tensor:
-    m = full.reshape(1, -1) if placement.is_vector else full
-    rows, cols = placement.block_shape
-    b = placement.tp_block
-    if placement.tp_dim == 0:
-        return m[b * rows : (b + 1) * rows]
-    if placement.tp_dim == 1:
-        return m[:, b * cols : (b + 1) * cols]
-    return m
-
-
-def local_piece(full: torch.Tensor, placement) -> torch.Tensor:
-    start, end = placement.range
-    return block_of(full, placement).reshape(-1)[start:end].clone()
-
-
 # ----------------------------------------------------------------------------- baselines
 
 

@@ -5,6 +5,8 @@
     spectra launch configs/820m-wide/spectra-signum.yaml --set training.lr=2e-4
 
 The config's `launcher` (local | slurm) decides where it runs; --local / --slurm override it.
+Missing inputs (an unset ${VAR}, the dataset, vocabulary files, the Megatron-LM checkout):
+a dry run prints each as a warning, a real launch refuses and lists them all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 import yaml
 
 from ..launch.command import describe, shell_join, to_command
-from ..launch.config import ConfigError, YamlLoader, check_paths, load_config
+from ..launch.config import YamlLoader, load_config, missing_inputs
+from ..launch.errors import ConfigError
 
 
 def add_parser(subparsers) -> None:
@@ -48,17 +51,16 @@ def parse_overrides(pairs: list[str], launcher: str | None) -> dict:
 
 def run(args) -> int:
     try:
-        config = load_config(args.config, parse_overrides(args.set, args.launcher))
+        config = load_config(args.config, parse_overrides(args.set, args.launcher), allow_unset=True)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     where = config.data["launcher"]
-    missing = check_paths(config)
+    missing = missing_inputs(config)
     if args.dry_run:
         print(f"# {describe(config)}")
         print(f"# run folder: {config.run_dir}")
-        for e in missing:
-            print(f"# warning (a real launch stops here): {e}")
+        print_warnings(missing)
         print(format_command(to_command(config, where)))
         if where == "slurm":
             from ..launch.slurm import render_sbatch
@@ -67,9 +69,7 @@ def run(args) -> int:
             print(render_sbatch(config), end="")
         return 0
     if missing:
-        for e in missing:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(missing)
     from ..launch import runner
 
     if where == "local":
@@ -83,6 +83,20 @@ def run(args) -> int:
         return 1
     print(f"{config.name}: submitted job {job}; logs in {config.run_dir / 'logs'}")
     return 0
+
+
+def print_warnings(missing: list[ConfigError]) -> None:
+    for e in dict.fromkeys(str(e) for e in missing):
+        print(f"# warning (a real launch stops here): {e}")
+
+
+def refuse(missing: list[ConfigError]) -> int:
+    """A real launch with missing inputs: every one of them, then nothing starts."""
+    messages = list(dict.fromkeys(str(e) for e in missing))
+    for message in messages:
+        print(f"error: {message}", file=sys.stderr)
+    print(f"error: {len(messages)} missing input(s); nothing was started", file=sys.stderr)
+    return 2
 
 
 def format_command(words: list[str]) -> str:

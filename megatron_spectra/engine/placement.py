@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 STRATEGIES = ("auto", "owner", "gram")
 
 
@@ -83,6 +85,31 @@ class Placement:
     @property
     def num_blocks(self) -> int:
         return self.tp_size if self.tp_dim is not None else 1
+
+    def piece_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This process's piece of the full tensor (a new tensor): its flat range of its TP block."""
+        start, end = self.range
+        return self._block(full.reshape(self.matrix_shape)).reshape(-1)[start:end].clone()
+
+    def embed(self, piece: torch.Tensor) -> torch.Tensor:
+        """The full tensor (`shape`) with `piece` where this process's piece sits and zeros
+        elsewhere; the embedded pieces of processes that hold disjoint ranges sum to it."""
+        full = piece.new_zeros(self.matrix_shape)
+        block = piece.new_zeros(self.block_numel)
+        start, end = self.range
+        block[start:end] = piece.reshape(-1)
+        self._block(full).copy_(block.view(self.block_shape))
+        return full.view(self.shape)
+
+    def _block(self, matrix: torch.Tensor) -> torch.Tensor:
+        """This process's TP block of the full matrix (a view)."""
+        rows, cols = self.block_shape
+        b = self.tp_block
+        if self.tp_dim == 0:
+            return matrix[b * rows : (b + 1) * rows]
+        if self.tp_dim == 1:
+            return matrix[:, b * cols : (b + 1) * cols]
+        return matrix
 
     def validate(self) -> None:
         if len(self.shape) not in (1, 2) or min(self.shape) < 0:

@@ -16,8 +16,8 @@ checkout, whose tests/assets hold the debug model's tokenizer and data):
     torchrun --nproc_per_node=8 -m torchtitan.train \
         --module megatron_spectra.fsdp.torchtitan --config llama3_debugmodel_spectra
 
-On CPU, `torchrun --nproc_per_node=2 -m megatron_spectra.fsdp.torchtitan` trains a tiny
-LLaMA under FSDP2 with torchtitan's optimizer and LR-scheduler containers (`demo`).
+On CPU, `torchrun --nproc_per_node=2 examples/torchtitan_cpu.py` trains a tiny LLaMA under
+FSDP2 with torchtitan's optimizer and LR-scheduler containers.
 
 Options: `ParamGroupConfig.optimizer_kwargs` become param-group keys (lr, weight_decay,
 betas, clip, ...); the optimizer-wide options (base, clip_threshold, mode, warmup_steps,
@@ -118,34 +118,3 @@ def llama3_debugmodel_spectra():
     config = llama3_debugmodel()
     config.optimizer = spectra_optimizer(lr=8e-4, base="adamw", warmup_steps=config.lr_scheduler.warmup_steps)
     return config
-
-
-def demo(steps: int = 5) -> None:
-    """A few steps of a tiny LLaMA under FSDP2 on CPU, through torchtitan's containers."""
-    import torch.distributed as dist
-    from torchtitan.components.optimizer import LRSchedulersContainer
-
-    from .testing import LlamaConfig, TinyLlama, batch, loss_fn, parallelize
-
-    dist.init_process_group("gloo")
-    world, cfg = dist.get_world_size(), LlamaConfig()
-    model = TinyLlama(cfg)
-    dp_rank, dp_size = parallelize(model, "fsdp", world)
-    optimizers = spectra_optimizer(lr=1e-2, base="adamw", warmup_steps=2, clip_threshold=1.0).build(model_parts=[model])
-    schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=steps)
-    for step in range(steps):
-        x, y = batch(step, cfg, global_batch=8)
-        loss = loss_fn(model, x.chunk(dp_size)[dp_rank], y.chunk(dp_size)[dp_rank])
-        loss.backward()
-        spectra = optimizers.optimizers[0]
-        lr = spectra.param_groups[0]["lr"]
-        optimizers.step()
-        optimizers.zero_grad()
-        schedulers.step()
-        if dist.get_rank() == 0:  # c_k follows the warmup: c_k * lr_k stays c * peak lr
-            print(f"step {step}: loss (rank 0's batch) {loss.item():.4f}  lr {lr:.2e}  c {spectra.last_threshold:.2f}")
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    demo()

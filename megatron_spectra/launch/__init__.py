@@ -5,7 +5,8 @@
 """
 
 from .command import to_command, trainer_args
-from .config import Config, ConfigError, check_paths, load_config, validate
+from .config import Config, load_config, missing_inputs, validate
+from .errors import ConfigError
 from .layout import Layout, layout
 
-__all__ = ["Config", "ConfigError", "Layout", "check_paths", "layout", "load_config", "to_command", "trainer_args", "validate"]
+__all__ = ["Config", "ConfigError", "Layout", "layout", "load_config", "missing_inputs", "to_command", "trainer_args", "validate"]

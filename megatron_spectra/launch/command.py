@@ -1,7 +1,7 @@
 """The command line a config produces: a pure function of the validated config.
 
     trainer_args(config)            # Megatron-LM flags (the builtin trainer takes the same)
-    to_command(config, "local")     # torchrun --standalone ... -m megatron_spectra.run .../pretrain_gpt.py FLAGS
+    to_command(config, "local")     # torchrun --standalone ... -m megatron_spectra.megatron_lm .../pretrain_gpt.py FLAGS
     to_command(config, "slurm")     # torchrun with the c10d rendezvous on $MASTER_ADDR (inside srun)
 
 The model is always LLaMA-style, as in the paper: SwiGLU, RMSNorm, RoPE, no biases.
@@ -86,10 +86,8 @@ def _optimizer_args(o: dict) -> list[str]:
         return args
     for key, spec in SPECTRA.items():
         value = o["spectra"][key]
-        if key == "signum_nesterov":
-            args += [] if value else [spec.flag]
-        elif isinstance(value, bool):
-            args += [spec.flag] if value else []
+        if isinstance(value, bool):  # a switch: given to leave its default (--spectra-signum-no-nesterov: off)
+            args += [spec.flag] if value != spec.default else []
         elif value is not None:
             args += [spec.flag, fmt(value)]
     return args
@@ -110,6 +108,8 @@ def _data_args(d: dict, tp: int, builtin: bool) -> list[str]:
         args += ["--data-path", d["path"], "--split", d["split"], "--tokenizer-type", d["tokenizer_type"]]
     elif not builtin:
         args += ["--mock-data", "--tokenizer-type", d["tokenizer_type"]]
+    else:  # the builtin trainer's own corpus, split as the config says
+        args += ["--split", d["split"]]
     if not builtin:  # the builtin trainer's tokenizers have no vocabulary files
         for key in ("vocab_file", "merge_file"):
             if d[key]:
@@ -122,7 +122,8 @@ def _data_args(d: dict, tp: int, builtin: bool) -> list[str]:
 
 def _output_args(config: Config) -> list[str]:
     ckpt = str(config.checkpoint_dir)
-    args = ["--save", ckpt, "--load", ckpt]  # --load: a resubmitted run resumes from its latest checkpoint
+    # --load: a resubmitted run resumes from its latest checkpoint
+    args = ["--save", ckpt, "--load", ckpt] if config.data["output"]["checkpoints"] else []
     if config.data["output"]["tensorboard"]:
         args += ["--tensorboard-dir", str(config.run_dir / "tensorboard")]
     return args
@@ -139,14 +140,15 @@ def _trainer_extras(config: Config) -> list[str]:
     t = config.data["trainer"]
     # --trainer-out: its metrics.jsonl and built-in corpus go in the run folder.
     args = ["--trainer-out", str(config.run_dir), "--trainer-name", config.name]
-    return args + (["--trainer-cpu"] if t["cpu"] else []) + list(t["extra_args"])
+    switches = {"cpu": "--trainer-cpu", "progress": "--trainer-progress", "update_norms": "--trainer-update-norms"}
+    return args + [flag for key, flag in switches.items() if t[key]] + list(t["extra_args"])
 
 
 def program(config: Config) -> list[str]:
     """What torchrun starts: the module, and for Megatron-LM its pretrain_gpt.py."""
     if config.data["entry"] == "builtin":
         return ["-m", "megatron_spectra.train"]
-    return ["-m", "megatron_spectra.run", str(Path(config.data["megatron"]["path"] or "$MEGATRON_LM") / "pretrain_gpt.py")]
+    return ["-m", "megatron_spectra.megatron_lm", str(Path(config.data["megatron"]["path"] or "$MEGATRON_LM") / "pretrain_gpt.py")]
 
 
 def torchrun_args(config: Config, where: str) -> list[str]:

@@ -2,10 +2,15 @@
 
     config = load_config("configs/780m-deep/spectra-adamw.yaml")
     config["training"]["lr"]; config.run_dir; layout(config).grad_accum
+    missing_inputs(config)    # unset ${VARS}, absent data / vocabulary files / Megatron-LM checkout
 
 Every error is a ConfigError that names the offending key (`training.global_batch_size`)
 and the file it came from. After `load_config` the data is complete (defaults filled in)
 and every later step (command line, sbatch script) is a pure function of it.
+
+An unset ${VAR} without a default is an error, or with `allow_unset=True` (what the `spectra`
+commands use) a missing input like an absent file: the placeholder stays in the value, a dry
+run shows it and warns, a real launch refuses, naming every missing input at once.
 """
 
 from __future__ import annotations
@@ -13,19 +18,14 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .schema import ANY, REQUIRED, SECTIONS, SPECTRA, SUPPORTED, TOP, Key
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str, source: str | None = None):
-        self.key = key
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: {message}")
+from .errors import ConfigError
+from .layout import check_layout
+from .schema import ANY, RELATIONS, REQUIRED, SECTIONS, SPECTRA, SUPPORTED, TOP, Key
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -92,13 +92,14 @@ def set_dotted(data: dict, dotted: str, value) -> dict:
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
-def expand_env(value, key: str, env: dict):
-    """${VAR} and ${VAR:-default} inside strings, recursively; an unset VAR without a
-    default is an error naming the key."""
+def expand_env(value, key: str, env: dict, unset: dict | None = None):
+    """${VAR} and ${VAR:-default} inside strings, recursively. An unset VAR without a
+    default is an error naming the key, or, given `unset`, left in place and recorded there
+    (dotted key -> VAR)."""
     if isinstance(value, dict):
-        return {k: expand_env(v, f"{key}.{k}" if key else k, env) for k, v in value.items()}
+        return {k: expand_env(v, f"{key}.{k}" if key else k, env, unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, f"{key}[{i}]", env) for i, v in enumerate(value)]
+        return [expand_env(v, f"{key}[{i}]", env, unset) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -108,9 +109,16 @@ def expand_env(value, key: str, env: dict):
             return env[name]
         if match.group(2) is not None:
             return default
-        raise ConfigError(key, f"environment variable {name} is not set")
+        if unset is None:
+            raise ConfigError(key, unset_message(name))
+        unset[key] = name
+        return match.group(0)
 
     return _ENV.sub(sub, value)
+
+
+def unset_message(var: str) -> str:
+    return f"environment variable {var} is not set"
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class Config:
 
     data: dict
     source: str = "<dict>"
+    unset: dict = field(default_factory=dict)  # dotted key -> ${VAR} left unexpanded (allow_unset)
 
     def __getitem__(self, section: str):
         return self.data[section]
@@ -143,26 +152,28 @@ class Config:
         return Path(root).absolute() / self.name if root else self.run_dir / "checkpoints"
 
 
-def load_config(path: str | Path, overrides: dict | None = None, env: dict | None = None) -> Config:
+def load_config(path: str | Path, overrides: dict | None = None, env: dict | None = None,
+                allow_unset: bool = False) -> Config:
     data = resolve_bases(path)
     for dotted, value in (overrides or {}).items():
         data = set_dotted(data, dotted, value)
-    return validate(data, env=os.environ if env is None else env, source=str(path))
+    return validate(data, env=os.environ if env is None else env, source=str(path), allow_unset=allow_unset)
 
 
-def validate(raw: dict, env: dict | None = None, source: str = "<dict>") -> Config:
+def validate(raw: dict, env: dict | None = None, source: str = "<dict>", allow_unset: bool = False) -> Config:
     """Check every key against the schema, fill defaults, expand ${ENV}, check the layout."""
+    unset: dict = {}
     try:
-        data = _check_sections(expand_env(raw, "", dict(os.environ if env is None else env)))
-        from .layout import check_layout
-
+        data = _check_sections(expand_env(raw, "", dict(os.environ if env is None else env), unset if allow_unset else None))
         check_layout(data)
         _check_builtin(data)
     except ConfigError as e:
-        if source != "<dict>" and not str(e).startswith(source):
-            raise ConfigError(e.key, str(e).split(": ", 1)[1], source) from None
+        # A placeholder left in place fails its key's check: the unset variable is the news.
+        message = unset_message(unset[e.key]) if e.key in unset else str(e).split(": ", 1)[1]
+        if e.key in unset or (source != "<dict>" and not str(e).startswith(source)):
+            raise ConfigError(e.key, message, None if source == "<dict>" else source) from None
         raise
-    return Config(data, source)
+    return Config(data, source, unset)
 
 
 def _check_sections(raw: dict) -> dict:
@@ -176,10 +187,13 @@ def _check_sections(raw: dict) -> dict:
         if not isinstance(value, dict):
             raise ConfigError(section, f"must be a mapping, got {type(value).__name__}")
         data[section] = _check_keys(value, keys, prefix=f"{section}.")
-    spectra = data["optimizer"]["spectra"]
-    data["optimizer"]["spectra"] = _check_keys(spectra, SPECTRA, prefix="optimizer.spectra.")
-    if spectra and not data["optimizer"]["name"].startswith("spectra-"):
-        raise ConfigError("optimizer.spectra", f"only for spectra-* optimizers, not {data['optimizer']['name']}")
+    # Checked for every optimizer, passed on to spectra-* ones only: a sweep over
+    # optimizer.name (spectra-adamw against adam) sets them once, in its base.
+    data["optimizer"]["spectra"] = _check_keys(data["optimizer"]["spectra"], SPECTRA, prefix="optimizer.spectra.")
+    for key, holds, requirement in RELATIONS:
+        if not holds(data):
+            section, name = key.split(".")
+            raise ConfigError(key, f"{requirement}, got {data[section][name]!r}")
     return data
 
 
@@ -210,6 +224,9 @@ def _check_value(key: str, value, spec: Key):
         raise ConfigError(key, f"{value!r} is not one of {list(spec.choices)}")
     if isinstance(value, float) and int in allowed and float not in allowed:
         raise ConfigError(key, f"expected an integer, got {value!r}")
+    problem = spec.check(value) if spec.check is not None and value is not None else None
+    if problem:
+        raise ConfigError(key, f"{problem}, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
         raise ConfigError(key, "expected a list of strings")
     if isinstance(value, dict) and key != "optimizer.spectra":
@@ -234,25 +251,39 @@ def _check_builtin(data: dict) -> None:
                 )
 
 
-def check_paths(config: Config) -> list[ConfigError]:
-    """Files the run reads, each missing one as an error naming its key (not raised: a dry
-    run on a machine without the data still shows the command)."""
-    errors = []
+def missing_inputs(config: Config) -> list[ConfigError]:
+    """What the run reads and cannot find, each as an error naming its key: unset ${VARS}
+    (with allow_unset), the dataset, vocabulary files, the Megatron-LM checkout. Returned,
+    not raised: a dry run warns about all of them, a real launch refuses with all of them."""
     data = config.data
+    unused = _unused(data)
+    errors = [ConfigError(key, unset_message(var), config.source) for key, var in config.unset.items() if not unused(key)]
+
+    def check(key: str, problem: str) -> None:
+        if key not in config.unset and not unused(key):
+            errors.append(ConfigError(key, problem, config.source))
+
     prefix = data["data"]["path"]
     if prefix and not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
-        errors.append(ConfigError("data.path", f"no {prefix}.bin / {prefix}.idx (a Megatron indexed dataset prefix)", config.source))
-    if data["entry"] == "megatron-lm":
-        for key in ("vocab_file", "merge_file"):
-            value = data["data"][key]
-            if data["data"]["tokenizer_type"] == "GPT2BPETokenizer" and not value:
-                errors.append(ConfigError(f"data.{key}", "required by GPT2BPETokenizer (set it or its ${...} variable)", config.source))
-            elif value and not Path(value).is_file():
-                errors.append(ConfigError(f"data.{key}", f"no such file {value}", config.source))
-        mlm = data["megatron"]["path"]
-        if not mlm:
-            errors.append(ConfigError("megatron.path", "not set: point it (or $MEGATRON_LM) at a Megatron-LM checkout", config.source))
-        elif not (Path(mlm) / "pretrain_gpt.py").is_file():
-            errors.append(ConfigError("megatron.path", f"no pretrain_gpt.py in {mlm}", config.source))
+        check("data.path", f"no {prefix}.bin / {prefix}.idx (a Megatron indexed dataset prefix)")
+    for key in ("vocab_file", "merge_file"):
+        value = data["data"][key]
+        if data["data"]["tokenizer_type"] == "GPT2BPETokenizer" and not value:
+            check(f"data.{key}", "required by GPT2BPETokenizer (set it or its ${...} variable)")
+        elif value and not Path(value).is_file():
+            check(f"data.{key}", f"no such file {value}")
+    mlm = data["megatron"]["path"]
+    if not mlm:
+        check("megatron.path", "not set: point it (or $MEGATRON_LM) at a Megatron-LM checkout")
+    elif not (Path(mlm) / "pretrain_gpt.py").is_file():
+        check("megatron.path", f"no pretrain_gpt.py in {mlm}")
     return errors
 
+
+def _unused(data: dict):
+    """A predicate on dotted keys: those the run does not read. The builtin trainer takes no
+    Megatron-LM checkout and no vocabulary files (schema `builtin=ANY`)."""
+    if data["entry"] != "builtin":
+        return lambda key: False
+    ignored = {f"{s}.{k}" for s, keys in SECTIONS.items() for k, spec in keys.items() if spec.builtin is ANY}
+    return lambda key: key.startswith("megatron.") or key in ignored

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -37,8 +39,6 @@ def layout(data) -> Layout:
 
 
 def check_layout(data: dict) -> None:
-    from .config import ConfigError
-
     par, train, model = data["parallel"], data["training"], data["model"]
     for section, key in (("parallel", "nodes"), ("parallel", "gpus_per_node"), ("parallel", "tensor_parallel"),
                          ("parallel", "pipeline_parallel"), ("training", "micro_batch_size"),

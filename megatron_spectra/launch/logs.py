@@ -1,14 +1,20 @@
-"""Reading a run's metrics back: Megatron-LM's log lines, or its TensorBoard events.
+"""Reading a run's metrics back: the builtin trainer's metrics.jsonl, Megatron-LM's log lines,
+or its TensorBoard events.
 
 Megatron-LM (core_r0.16 - 0.19, `training.py`) prints, and the builtin trainer copies:
 
      [2026-11-23 10:00:00.123] iteration       10/     100 | consumed samples: 320 | elapsed time per iteration (ms): 123.4 | ... | lm loss: 5.123456E+00 | ...
      validation loss at iteration 100 | lm loss value: 4.5E+00 | lm loss PPL: 9.0E+01 |
      validation loss at iteration 100 on validation set | lm loss value: ...   (the final one)
+
+The builtin trainer also writes metrics.jsonl: a record per iteration ("kind": "train", with
+the update spectral norms at log steps under --trainer-update-norms), per evaluation
+("valid") and one "summary" at the end (its own tokens/s and the optimizer step's share).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,6 +36,16 @@ class RunLog:
     step_ms: dict = field(default_factory=dict)  # iteration -> elapsed time per iteration (ms)
     global_batch: int | None = None
     final_val_loss: float | None = None  # the "on validation set" evaluation after training
+    update_norm_before: dict = field(default_factory=dict)  # iteration -> largest ||U||_2 before clipping
+    update_norm_after: dict = field(default_factory=dict)  # iteration -> ... as applied
+    summary: dict = field(default_factory=dict)  # the builtin trainer's closing record
+
+    @property
+    def log_interval(self) -> int:
+        """Iterations between the last two logged ones (1 with one or none): a run whose last
+        logged iteration is within this of its target ran to the end."""
+        its = sorted(self.train_loss)
+        return its[-1] - its[-2] if len(its) > 1 else 1
 
     @property
     def last_val_loss(self) -> float | None:
@@ -79,6 +95,28 @@ def parse_logs(paths) -> RunLog:
     log = RunLog()
     for path in sorted(paths, key=lambda p: Path(p).stat().st_mtime):
         parse_log_text(Path(path).read_text(errors="replace"), log)
+    return log
+
+
+def parse_metrics(path: str | Path) -> RunLog:
+    """The builtin trainer's metrics.jsonl. A restarted run appends: later records win."""
+    log = RunLog()
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a run that was killed
+        kind, it = record.get("kind"), record.get("iteration")
+        if kind == "train":
+            log.train_loss[it] = record["lm_loss"]
+            log.last_iteration = max(log.last_iteration, it)
+            if "update_norm_after" in record:
+                log.update_norm_before[it], log.update_norm_after[it] = record["update_norm_before"], record["update_norm_after"]
+        elif kind == "valid":
+            log.val_loss[it] = record["lm_loss"]
+        elif kind == "summary":
+            log.summary = record
+            log.final_val_loss = record.get("val_loss")
     return log
 
 

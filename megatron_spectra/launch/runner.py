@@ -6,6 +6,7 @@
         job.sh             SLURM: what runs inside the allocation; launch.sbatch: what was submitted
         logs/train.log     stdout + stderr of every attempt (appended)
         exit_code          written when an attempt ends; absent while running
+        metrics.jsonl      builtin trainer: a record per iteration
         slurm_job_id       SLURM: the last submitted job
         checkpoints/ tensorboard/
 """
@@ -21,7 +22,7 @@ import yaml
 
 from .command import shell_join, to_command
 from .config import Config
-from .logs import parse_logs
+from .logs import RunLog, parse_logs, parse_metrics
 from .slurm import render_job, render_sbatch
 
 COMPLETED, FAILED, UNFINISHED, SUBMITTED, NOT_STARTED = "completed", "failed", "unfinished", "submitted", "not started"
@@ -29,6 +30,8 @@ COMPLETED, FAILED, UNFINISHED, SUBMITTED, NOT_STARTED = "completed", "failed", "
 
 def prepare(config: Config, where: str) -> Path:
     run_dir = config.run_dir
+    if not config.data["output"]["checkpoints"]:
+        forget_attempts(run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.data, sort_keys=False))
     (run_dir / "command.txt").write_text(shell_join(to_command(config, where)) + "\n")
@@ -36,6 +39,13 @@ def prepare(config: Config, where: str) -> Path:
         (run_dir / "job.sh").write_text(render_job(config))
         (run_dir / "launch.sbatch").write_text(render_sbatch(config))
     return run_dir
+
+
+def forget_attempts(run_dir: Path) -> None:
+    """Without checkpoints a restart is a new run: the old attempt's logs and metrics would
+    mix into the new one's (both append)."""
+    for path in [run_dir / "metrics.jsonl", run_dir / "exit_code", *(run_dir / "logs").glob("*.log")]:
+        path.unlink(missing_ok=True)
 
 
 def _raise_on_sigterm() -> None:
@@ -51,7 +61,8 @@ def run_local(config: Config, stream=None) -> int:
     """torchrun on this machine; output goes to the terminal and to logs/train.log."""
     _raise_on_sigterm()
     run_dir = prepare(config, "local")
-    config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if config.data["output"]["checkpoints"]:
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "exit_code").unlink(missing_ok=True)
     stream = stream or sys.stdout
     with open(run_dir / "logs" / "train.log", "a", encoding="utf-8") as log:
@@ -100,9 +111,9 @@ def run_state(run_dir: Path, train_iters: int | None = None) -> str:
         code = code_file.read_text().strip()
         if code != "0":
             return FAILED
-        log = parse_logs(logs) if logs else None
+        log = read_progress(run_dir, logs)
         target = train_iters or (log.train_iters if log else None)
-        if log and log.last_iteration and target and log.last_iteration < target:
+        if log and log.last_iteration and target and log.last_iteration + log.log_interval <= target:
             return UNFINISHED
         return COMPLETED
     if any(p.stat().st_size for p in logs):
@@ -110,6 +121,13 @@ def run_state(run_dir: Path, train_iters: int | None = None) -> str:
     if (run_dir / "slurm_job_id").is_file():
         return SUBMITTED
     return NOT_STARTED
+
+
+def read_progress(run_dir: Path, logs: list[Path]) -> RunLog | None:
+    """How far a run got: the builtin trainer's metrics.jsonl (every iteration), else its logs."""
+    if (run_dir / "metrics.jsonl").is_file():
+        return parse_metrics(run_dir / "metrics.jsonl")
+    return parse_logs(logs) if logs else None
 
 
 def write_listing(sweep) -> Path:

@@ -2,7 +2,8 @@
 
 A config is plain YAML data in sections (`model`, `training`, `optimizer`, `parallel`,
 `data`, `output`, `slurm`, `megatron`, `trainer`) plus a few top-level keys. This table is
-the only place keys are declared: validation, defaults and the command line all read it.
+the only place keys are declared (the `optimizer.spectra` keys are made from
+megatron_spectra.settings): validation, value checks, defaults and the command line all read it.
 
 `flag` is Megatron-LM's own flag (checked against core_r0.16 - 0.19 `arguments.py`; the
 builtin trainer takes the same spelling). `builtin` says how the builtin trainer
@@ -15,7 +16,10 @@ rather than silently run differently.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from .. import settings
+from ..settings import at_least, beta, fraction, non_negative, positive, unit_interval
 
 REQUIRED = object()
 ANY = object()
@@ -30,11 +34,13 @@ class Key:
     choices: tuple = ()
     builtin: Any = SUPPORTED
     doc: str = ""
+    check: Callable[[Any], str | None] | None = None  # what is wrong with a (non-null) value, or None
 
 
 INT, FLOAT, BOOL, STR = (int,), (float, int), (bool,), (str,)
 OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str, type(None))
 STR_LIST, STR_DICT = (list,), (dict,)
+POSITIVE = at_least(1)
 
 ENTRIES = ("megatron-lm", "builtin")
 LAUNCHERS = ("local", "slurm")
@@ -48,65 +54,57 @@ TOP = {
 }
 
 MODEL = {
-    "num_layers": Key(INT, flag="--num-layers"),
-    "hidden_size": Key(INT, flag="--hidden-size"),
-    "ffn_hidden_size": Key(INT, flag="--ffn-hidden-size"),
-    "num_attention_heads": Key(INT, flag="--num-attention-heads"),
-    "num_query_groups": Key(OPT_INT, None, flag="--num-query-groups", doc="null: multi-head attention"),
-    "seq_length": Key(INT, flag="--seq-length", doc="also --max-position-embeddings"),
+    "num_layers": Key(INT, flag="--num-layers", check=POSITIVE),
+    "hidden_size": Key(INT, flag="--hidden-size", check=POSITIVE),
+    "ffn_hidden_size": Key(INT, flag="--ffn-hidden-size", check=POSITIVE),
+    "num_attention_heads": Key(INT, flag="--num-attention-heads", check=POSITIVE),
+    "num_query_groups": Key(OPT_INT, None, flag="--num-query-groups", doc="null: multi-head attention", check=POSITIVE),
+    "seq_length": Key(INT, flag="--seq-length", doc="also --max-position-embeddings", check=POSITIVE),
     "tie_embeddings": Key(BOOL, False, doc="false: --untie-embeddings-and-output-weights"),
-    "norm_epsilon": Key(FLOAT, 1e-5, flag="--norm-epsilon"),
-    "dropout": Key(FLOAT, 0.0, doc="--attention-dropout and --hidden-dropout (Megatron's default is 0.1)"),
+    "norm_epsilon": Key(FLOAT, 1e-5, flag="--norm-epsilon", check=positive),
+    "dropout": Key(FLOAT, 0.0, doc="--attention-dropout and --hidden-dropout (Megatron's default is 0.1)", check=beta),
 }
 
 TRAINING = {
-    "global_batch_size": Key(INT, flag="--global-batch-size"),
-    "micro_batch_size": Key(INT, flag="--micro-batch-size"),
-    "train_iters": Key(INT, flag="--train-iters"),
-    "lr": Key(FLOAT, flag="--lr"),
-    "min_lr": Key(FLOAT, 0.0, flag="--min-lr"),
+    "global_batch_size": Key(INT, flag="--global-batch-size", check=POSITIVE),
+    "micro_batch_size": Key(INT, flag="--micro-batch-size", check=POSITIVE),
+    "train_iters": Key(INT, flag="--train-iters", check=POSITIVE),
+    "lr": Key(FLOAT, flag="--lr", check=positive),
+    "min_lr": Key(FLOAT, 0.0, flag="--min-lr", doc="at most lr", check=non_negative),
     "lr_decay_style": Key(STR, "WSD", flag="--lr-decay-style", choices=("constant", "linear", "cosine", "WSD")),
-    "lr_warmup_iters": Key(INT, 0, flag="--lr-warmup-iters"),
-    "warmup_start_factor": Key(FLOAT, 0.0, doc="--lr-warmup-init = lr * this (official code: 0.01)"),
+    "lr_warmup_iters": Key(INT, 0, flag="--lr-warmup-iters", check=at_least(0)),
+    "warmup_start_factor": Key(FLOAT, 0.0, doc="--lr-warmup-init = lr * this (official code: 0.01)", check=unit_interval),
     "lr_wsd_decay_style": Key(STR, "minus_sqrt", flag="--lr-wsd-decay-style", choices=("exponential", "linear", "cosine", "minus_sqrt")),
-    "wsd_decay_fraction": Key(FLOAT, 0.2, doc="--lr-wsd-decay-iters = round(this * train_iters)"),
-    "weight_decay": Key(FLOAT, 0.1, flag="--weight-decay"),
-    "clip_grad": Key(FLOAT, 1.0, flag="--clip-grad"),
-    "adam_beta1": Key(FLOAT, 0.9, flag="--adam-beta1"),
-    "adam_beta2": Key(FLOAT, 0.999, flag="--adam-beta2"),
-    "adam_eps": Key(FLOAT, 1e-8, flag="--adam-eps"),
-    "seed": Key(INT, 1234, flag="--seed"),
+    "wsd_decay_fraction": Key(FLOAT, 0.2, doc="--lr-wsd-decay-iters = round(this * train_iters)", check=fraction),
+    "weight_decay": Key(FLOAT, 0.1, flag="--weight-decay", check=non_negative),
+    "clip_grad": Key(FLOAT, 1.0, flag="--clip-grad", doc="0: no global-norm clipping", check=non_negative),
+    "adam_beta1": Key(FLOAT, 0.9, flag="--adam-beta1", check=beta),
+    "adam_beta2": Key(FLOAT, 0.999, flag="--adam-beta2", check=beta),
+    "adam_eps": Key(FLOAT, 1e-8, flag="--adam-eps", check=non_negative),
+    "seed": Key(INT, 1234, flag="--seed", check=at_least(0)),
     "bf16": Key(BOOL, True, flag="--bf16"),
-    "log_interval": Key(INT, 10, flag="--log-interval"),
-    "eval_interval": Key(INT, 1000, flag="--eval-interval"),
-    "eval_iters": Key(INT, 100, flag="--eval-iters"),
-    "save_interval": Key(INT, 1000, flag="--save-interval"),
+    "log_interval": Key(INT, 10, flag="--log-interval", check=POSITIVE),
+    "eval_interval": Key(INT, 1000, flag="--eval-interval", check=POSITIVE),
+    "eval_iters": Key(INT, 100, flag="--eval-iters", check=at_least(0)),
+    "save_interval": Key(INT, 1000, flag="--save-interval", check=POSITIVE),
 }
 
-# SPECTRA's knobs: the --spectra-* flags of megatron_spectra.megatron.lm.add_spectra_arguments
-# (a test keeps this table equal to that parser). Emitted only for spectra-* optimizers.
-SPECTRA = {
-    "clip_threshold": Key(FLOAT, 10.0, flag="--spectra-clip-threshold"),
-    "clip_schedule": Key(STR, "standard", flag="--spectra-clip-schedule", choices=("constant", "standard", "wsd-sqrt")),
-    "decay_fraction": Key(FLOAT, 0.2, flag="--spectra-decay-fraction"),
-    "mode": Key(STR, "paper", flag="--spectra-mode", choices=("paper", "accurate")),
-    "ns_steps": Key(INT, 10, flag="--spectra-ns-steps"),
-    "ns_fp32": Key(BOOL, False, flag="--spectra-ns-fp32"),
-    "apply_to": Key(STR, "all", flag="--spectra-apply-to", choices=("all", "2d", "hidden", "none")),
-    "split_qkv": Key(BOOL, False, flag="--spectra-split-qkv"),
-    "split_fc1": Key(BOOL, False, flag="--spectra-split-fc1"),
-    "strategy": Key(STR, "auto", flag="--spectra-strategy", choices=("auto", "owner", "gram")),
-    "pre_clip": Key(BOOL, False, flag="--spectra-pre-clip"),
-    "pre_clip_threshold": Key(FLOAT, 0.1, flag="--spectra-pre-clip-threshold"),
-    "nonfinite": Key(STR, "skip", flag="--spectra-nonfinite", choices=("skip", "raise")),
-    "log_update_norms": Key(BOOL, False, flag="--spectra-log-update-norms"),
-    "signum_momentum": Key(FLOAT, 0.95, flag="--spectra-signum-momentum"),
-    "signum_nesterov": Key(BOOL, True, flag="--spectra-signum-no-nesterov", doc="false: --spectra-signum-no-nesterov"),
-    "ademamix_beta3": Key(FLOAT, 0.999, flag="--spectra-ademamix-beta3"),
-    "ademamix_alpha": Key(FLOAT, 8.0, flag="--spectra-ademamix-alpha"),
-    "ademamix_warmup": Key(OPT_INT, None, flag="--spectra-ademamix-warmup"),
-    "cpu": Key(BOOL, False, flag="--spectra-cpu", doc="Megatron-LM on CPU (gloo), for tests"),
-}
+# Rules between keys: (the key to change, what must hold, what it says).
+RELATIONS = (
+    ("training.min_lr", lambda d: d["training"]["min_lr"] <= d["training"]["lr"], "must be <= training.lr"),
+)
+
+# SPECTRA's knobs, one per --spectra-* flag, generated from megatron_spectra.settings (named
+# as the flag's dest without `spectra_`). Emitted only for spectra-* optimizers.
+_TYPES = {float: FLOAT, int: INT, bool: BOOL, str: STR}
+
+
+def _spectra_key(s: settings.Setting) -> Key:
+    types = _TYPES[s.type] + ((type(None),) if s.optional else ())
+    return Key(types, s.default, flag=s.flag, choices=s.choices, doc=s.doc, check=s.check)
+
+
+SPECTRA = {s.launch_key: _spectra_key(s) for s in settings.flag_settings()}
 
 OPTIMIZER = {
     "name": Key(STR, flag="--optimizer", choices=OPTIMIZERS),
@@ -128,14 +126,15 @@ DATA = {
     "tokenizer_type": Key(STR, "GPT2BPETokenizer", flag="--tokenizer-type"),
     "vocab_file": Key(OPT_STR, None, flag="--vocab-file", builtin=ANY),
     "merge_file": Key(OPT_STR, None, flag="--merge-file", builtin=ANY),
-    "vocab_size": Key(OPT_INT, None, flag="--vocab-size", doc="only for tokenizers without a vocab file"),
-    "vocab_multiple": Key(INT, 128, doc="padded vocab is a multiple of this: --make-vocab-size-divisible-by = this / TP"),
+    "vocab_size": Key(OPT_INT, None, flag="--vocab-size", doc="only for tokenizers without a vocab file", check=POSITIVE),
+    "vocab_multiple": Key(INT, 128, doc="padded vocab is a multiple of this: --make-vocab-size-divisible-by = this / TP", check=POSITIVE),
 }
 
 OUTPUT = {
     "root": Key(STR, "${SPECTRA_RUNS:-runs}", doc="run folder = root/name"),
     "checkpoint_root": Key(OPT_STR, None, doc="checkpoints in checkpoint_root/name; null: run folder/checkpoints"),
     "tensorboard": Key(BOOL, True, doc="--tensorboard-dir run folder/tensorboard"),
+    "checkpoints": Key(BOOL, True, doc="--save / --load the checkpoint folder; false: none, and a restart starts afresh"),
 }
 
 SLURM = {
@@ -163,6 +162,8 @@ MEGATRON = {
 
 TRAINER = {
     "cpu": Key(BOOL, False, doc="--trainer-cpu: gloo on CPU"),
+    "progress": Key(BOOL, False, doc="--trainer-progress: a progress bar on stderr"),
+    "update_norms": Key(BOOL, False, doc="--trainer-update-norms: largest update spectral norm, before and after clipping"),
     "extra_args": Key(STR_LIST, [], doc="appended verbatim to the builtin trainer's command line"),
 }
 

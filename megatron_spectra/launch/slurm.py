@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .command import describe, shell_join, to_command
 from .config import Config
+from .errors import ConfigError
 
 # Exported in every job. The comments are the documentation: cluster-specific values go in
 # the config's slurm.env, which is exported after these and so overrides them.
@@ -47,7 +48,7 @@ def render_job(config: Config) -> str:
         "# Written by `spectra launch`; runs inside a SLURM allocation (sbatch, or a task of a sweep's array).",
         "set -uo pipefail",
         f"RUN_DIR={_q(run_dir)}",
-        f'mkdir -p "$RUN_DIR/logs" {_q(config.checkpoint_dir)}',
+        f'mkdir -p "$RUN_DIR/logs"' + (f" {_q(config.checkpoint_dir)}" if d["output"]["checkpoints"] else ""),
         *d["slurm"]["setup"],
         "",
         "# Rendezvous: every node's torchrun meets on the allocation's first node.",
@@ -102,8 +103,6 @@ SHARED_KEYS = ("parallel.nodes", "parallel.gpus_per_node", "slurm.partition", "s
 
 def render_array(configs: list[Config], sweep_dir: Path, indices: list[int], job_name: str) -> str:
     """An array over `indices` (positions in configs); task i runs configs[i]'s job.sh."""
-    from .config import ConfigError
-
     first = configs[0]
     for key in SHARED_KEYS:
         for c in configs[1:]:

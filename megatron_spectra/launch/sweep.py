@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, read_yaml, resolve_bases, set_dotted, validate
+from .config import Config, read_yaml, resolve_bases, set_dotted, validate
+from .errors import ConfigError
 
 SWEEP_KEYS = ("base", "name", "description", "set", "grid", "zip")
 
@@ -42,10 +43,16 @@ class Sweep:
         return self.runs[0].config.run_dir.parent
 
 
-def load_sweep(path: str | Path, overrides: dict | None = None, env: dict | None = None) -> Sweep:
-    """overrides: dotted keys set on every run after the sweep's own `set` (the CLI's --set)."""
+def load_sweep(path: str | Path, overrides: dict | None = None, env: dict | None = None, allow_unset: bool = False) -> Sweep:
+    """overrides: dotted keys set on every run after the sweep's own `set` (the CLI's --set);
+    allow_unset: as for load_config."""
+    return expand_sweep(read_yaml(path), path, overrides, env, allow_unset)
+
+
+def expand_sweep(spec: dict, path: str | Path, overrides: dict | None = None, env: dict | None = None,
+                 allow_unset: bool = False) -> Sweep:
+    """A sweep from its data (a sweep file's, or one a command built); `base` is relative to path."""
     path = Path(path)
-    spec = read_yaml(path)
     for key in spec:
         if key not in SWEEP_KEYS:
             raise ConfigError(key, f"unknown sweep key; known: {', '.join(SWEEP_KEYS)}", str(path))
@@ -66,7 +73,7 @@ def load_sweep(path: str | Path, overrides: dict | None = None, env: dict | None
             run_data = set_dotted(run_data, dotted, value)
         run_data = set_dotted(run_data, "name", f"{spec['name']}/{run_name}")
         try:
-            config = validate(run_data, env=env, source=str(path))
+            config = validate(run_data, env=env, source=str(path), allow_unset=allow_unset)
         except ConfigError as e:
             raise ConfigError(e.key, f"run {run_name}: {str(e).split(': ', 2)[-1]}", str(path)) from None
         runs.append(Run(run_name, varied, config))
@@ -112,12 +119,18 @@ def expand(spec: dict, path: Path | str = "<sweep>") -> list[dict]:
 def run_name_of(overrides: dict) -> str:
     if not overrides:
         return "base"
-    lasts = [k.rsplit(".", 1)[-1] for k in overrides]
+    lasts = [_label(k) for k in overrides]
     parts = []
     for key, last in zip(overrides, lasts):
         label = last if lasts.count(last) == 1 else key
         parts.append(f"{label}={_value_label(overrides[key])}")
     return re.sub(r"[^A-Za-z0-9.=+_-]", "-", "_".join(parts))
+
+
+def _label(dotted: str) -> str:
+    """The last part of a dotted key, or for `section.name` the section (optimizer=adam)."""
+    parts = dotted.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def _value_label(value) -> str:

@@ -1,6 +1,6 @@
-"""The Megatron adapter: Spectra optimizers for megatron-core, and Megatron-LM's CLI hook.
-
-Importing this package needs megatron-core; nothing is patched until `install()`.
+"""The Megatron adapter: Spectra optimizers for megatron-core, their config and `--spectra-*`
+flags, checkpoints, megatron-core on CPU. Megatron-LM itself is hooked one layer up, in
+`megatron_spectra.megatron_lm`. Importing this package needs megatron-core; it patches nothing.
 """
 
 from .config import OPTIMIZERS, SpectraOptimizerConfig

@@ -3,8 +3,9 @@
 What a Spectra optimizer keeps: the fp32 main params, the base direction's moments
 (adamw: exp_avg, exp_avg_sq; signum: momentum_buffer; ademamix: exp_avg, exp_avg_slow,
 exp_avg_sq; see optim/directions.py) and one integer, the step count, which drives the bias
-corrections, AdEMAMix's warmups and the threshold schedule. The count lives in the param
-groups (`spectra_step`, mirrored in `step` for Megatron's FusedAdam convention) and in every
+corrections, AdEMAMix's warmups and the threshold schedule. The inner optimizer
+(main_params.MainParamSpectra) keeps the count in the param groups (`spectra_step`, mirrored
+in `step` for Megatron's FusedAdam convention, beside `spectra_skipped_steps`) and in every
 param's `state["step"]` (torch's convention), so every Megatron format carries it.
 
 The distributed optimizer's formats in megatron-core 0.16.1:
@@ -97,7 +98,7 @@ def _gather_bucket(dopt, bucket, bucket_map, key, group, use_gloo_comm, everywhe
 @torch.no_grad()  # fp32 main shards are views of the model params, which require grad
 def set_states(dopt, model_param, tensors: dict) -> None:
     """Copy a loaded shard (main param and moments) into the live optimizer. The count
-    `step` is not per-shard data: `restore_step` sets it from the param groups."""
+    `step` is not per-shard data: `MainParamSpectra.restore_step` sets it from the param groups."""
     group_index, order = dopt.model_param_group_index_map[model_param]
     main = dopt.optimizer.param_groups[group_index]["params"][order]
     live = {"param": main, **dopt.optimizer.state[main]}

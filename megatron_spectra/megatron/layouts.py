@@ -4,7 +4,9 @@ Megatron marks a TP-split weight with `tensor_model_parallel=True` and `partitio
 (0: column-parallel, QKV, fc1, vocab-parallel embedding and output layer; 1: row-parallel),
 and every TP rank holds an equal block. The DistributedOptimizer then keeps only a range
 `param_range_map["param"]` of each block's flattening on this DP rank. The translation is
-these two facts, plus which tensors are clipped how (SPEC.md section 2).
+these two facts, plus which tensors are clipped how (`optim.step.clip_kind`) and their alpha
+(section 5.2 of arXiv 2603.14315), which a 1-D shard cannot tell: each Entry is the spec the
+step asks for (`MainParamSpectra.spec_of`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ import torch
 
 from ..engine import Placement
 from ..optim.schedules import matrix_scale
+from ..optim.step import ParamSpec, clip_kind
 
 
-@dataclass
-class Entry:
-    """One model parameter as the engine sees it on this rank."""
+@dataclass(frozen=True, eq=False)
+class Entry(ParamSpec):
+    """One model parameter as the engine sees it on this rank: its ParamSpec (name, clip
+    kind, alpha from the global shape, matrix or not), where its piece sits, and the piece."""
 
-    name: str
     main: torch.Tensor | None  # this rank's fp32 main param (whole or a shard); None if none here
     placement: Placement
-    kind: str  # "matrix" | "vector" | "none"
-    scale: float  # alpha, from the global shape
 
 
 def global_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
@@ -40,19 +41,6 @@ def tp_dim(param: torch.Tensor) -> int | None:
     if getattr(param, "tensor_model_parallel", False) and getattr(param, "partition_dim", -1) >= 0:
         return param.partition_dim
     return None
-
-
-def clip_kind(param: torch.Tensor, apply_to: str) -> str:
-    """all: matrices (embedding and output too) and vectors; 2d: matrices; hidden: matrices
-    other than the embedding and output layer (the Muon convention); none: nothing (the plain
-    base optimizer, for baselines Megatron does not have, e.g. Signum and AdEMAMix)."""
-    if apply_to == "none":
-        return "none"
-    if param.dim() >= 2:
-        if apply_to == "hidden" and getattr(param, "is_embedding_or_output_parameter", False):
-            return "none"
-        return "matrix"
-    return "vector" if apply_to == "all" else "none"
 
 
 def row_parts(name: str, model_config, tp_size: int, split_qkv: bool, split_fc1: bool):
@@ -82,7 +70,8 @@ def make_entry(name, model_param, main, flat, tp_size, tp_rank, apply_to, parts,
         row_parts=parts if kind == "matrix" else None,
         strategy=strategy,
     )
-    return Entry(name, main, placement, kind, matrix_scale(shape) if kind == "matrix" else 1.0)
+    scale = matrix_scale(shape) if kind == "matrix" else 1.0
+    return Entry(name, kind, scale, len(shape) >= 2, main, placement)
 
 
 def param_names(model_chunks) -> dict:

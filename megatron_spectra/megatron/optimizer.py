@@ -3,10 +3,11 @@
 Megatron keeps doing everything it does for Adam: main params, grad copies, the loss
 scaler, global-norm clipping, ZeRO sharding and the param all-gather, checkpoints. We change
 three things:
-- the inner torch optimizer is `SpectraShardOptimizer` (base direction, then eq. 2);
-- its clip step sends every direction through the engine over the group of processes that
-  hold pieces of the same matrices (TP x DP for ZeRO-1, TP otherwise), so each full matrix
-  is clipped once;
+- the inner torch optimizer is `MainParamSpectra`: the shared SPECTRA step (eq. 2 of arXiv
+  2603.14315) over the main params, each param's clip kind and alpha from its `Entry`;
+- its clipper (`EntryClipper`) sends every direction through the engine over the group of
+  processes that hold pieces of the same matrices (TP x DP for ZeRO-1, TP otherwise), so
+  each full matrix is clipped once;
 - `prepare_grads` also skips (or refuses) a step with non-finite gradients when no loss
   scaler does it, and applies the optional pre-clipping of gradients.
 Checkpoints go through Megatron's own code, with the hooks of checkpoint.py for the base's
@@ -21,15 +22,14 @@ from megatron.core import parallel_state
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 
-from ..engine import ShardedClipper
 from . import checkpoint
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import get_base
 from ..optim.schedules import ThresholdSchedule
-from ..optim.spectra import NonFiniteError
+from ..optim.step import Clipped, NonFiniteError
 from .config import SpectraOptimizerConfig
 from .layouts import Entry, make_entry, param_names, row_parts
-from .shard_optimizer import SpectraShardOptimizer
+from .main_params import EntryClipper, MainParamSpectra
 from .update_norms import update_norms
 
 
@@ -39,6 +39,10 @@ class _SpectraMethods:
     Not a base class: Python refuses to turn a built Megatron optimizer into a class with an
     extra base (`__class__` assignment needs the same layout chain), so `_shares` copies
     these methods into single-inheritance subclasses of Megatron's classes instead.
+
+    Public after setup: `spectra_entries` (this rank's entries), `spectra_clipper` (the
+    engine's group and its `stats`), `optimizer` (the MainParamSpectra, whose
+    `register_update_observer` sees every step's U and H_c(U)) and `update_norms(updates)`.
     """
 
     def setup_spectra(self, config: SpectraOptimizerConfig, model_chunks) -> None:
@@ -48,21 +52,29 @@ class _SpectraMethods:
         self._model_config = model_chunks[0].config
         self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self._tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        schedule = ThresholdSchedule(
-            config.spectra_clip_threshold, config.spectra_clip_schedule, config.spectra_warmup_steps,
-            config.spectra_total_steps, config.spectra_decay_fraction,
-        )
-        self._pre_clip = ThresholdSchedule(config.spectra_pre_clip_threshold, "standard", config.spectra_warmup_steps)
         self.init_state_fn = _init_state
+        self.spectra_entries: list[Entry] = []
+        self.spectra_update_norms: dict = {}
         if self.is_stub_optimizer:
             return
-        inner = SpectraShardOptimizer(self.optimizer.param_groups, get_base(config.base), config.base_hyperparameters(), schedule)
-        self.optimizer = inner
-        self.spectra_entries = self._entries()
-        inner.scales = {e.main: e.scale for e in self.spectra_entries if e.main is not None}
-        inner.clip_fn = self._clip_and_measure if config.spectra_log_update_norms else self._clip
+        self.spectra_entries = self._entries()  # reads the main params of Megatron's own inner optimizer
         numerics = ClipNumerics(config.spectra_mode, config.spectra_ns_steps, config.spectra_ns_fp32)
-        self._clipper = ShardedClipper(self._engine_group(), numerics)
+        self.spectra_clipper = EntryClipper(self.spectra_entries, self._engine_group(), numerics)
+        pre_clip = ThresholdSchedule(config.spectra_pre_clip_threshold, "standard", config.spectra_warmup_steps)
+        self.optimizer = MainParamSpectra(
+            self.optimizer.param_groups, get_base(config.base), config.base_hyperparameters(),
+            schedule=ThresholdSchedule(
+                config.spectra_clip_threshold, config.spectra_clip_schedule, config.spectra_warmup_steps,
+                config.spectra_total_steps, config.spectra_decay_fraction,
+            ),
+            pre_clip_schedule=pre_clip if config.spectra_pre_clip else None,
+            numerics=numerics,
+            nonfinite=config.spectra_nonfinite,
+            specs={e.main: e for e in self.spectra_entries if e.main is not None},
+            clipper=self.spectra_clipper,
+        )
+        if config.spectra_log_update_norms:
+            self.optimizer.register_update_observer(self._keep_update_norms)
 
     # ------------------------------------------------------------------ per wrapper
 
@@ -80,49 +92,35 @@ class _SpectraMethods:
         parts = row_parts(name, self._model_config, self._tp_size, c.spectra_split_qkv, c.spectra_split_fc1)
         return make_entry(name, model_param, main, flat, self._tp_size, self._tp_rank, c.spectra_apply_to, parts, c.spectra_strategy)
 
-    # ------------------------------------------------------------------ the clip
+    # ------------------------------------------------------------------ update norms
 
-    def _clip(self, directions: dict, c: float, kinds=("matrix", "vector")) -> dict:
-        """H_c of every direction; one engine call for all of this optimizer's tensors."""
-        chosen = [e for e in self.spectra_entries if e.kind in kinds]
-        if not chosen:  # apply_to="none" (a global setting: every rank skips alike)
-            return dict(directions)
-        pieces = [directions[e.main] if e.main is not None else torch.zeros(0) for e in chosen]
-        device = next((p.device for p in pieces if p.numel()), torch.device("cpu"))
-        pieces = [p.reshape(-1) if p.numel() else torch.zeros(0, device=device) for p in pieces]
-        outs = self._clipper.clip(pieces, [e.placement for e in chosen], c, [e.name for e in chosen])
-        clipped = dict(directions)
-        for e, out in zip(chosen, outs):
-            if e.main is not None:
-                clipped[e.main] = out.view_as(directions[e.main])
-        return clipped
+    def update_norms(self, updates: list[Clipped]) -> dict:
+        """{'spectra/update-norm-before/<name>': ||U||_2, '.../after/<name>': ||H_c(U)||_2, and
+        their maxima} of every full matrix of one step's clip, from this process's pieces (what
+        the inner optimizer's update observers get); the same on every process of the group."""
+        before = {u.param: u.u for u in updates}
+        after = {u.param: u.h for u in updates}
+        return update_norms(self.spectra_entries, before, after, self.spectra_clipper.group, self._tp_rank)
 
-    def _clip_and_measure(self, directions: dict, c: float) -> dict:
-        """The update clip, with the spectral norms before and after kept for spectra_log."""
-        clipped = self._clip(directions, c)
-        self.spectra_update_norms = update_norms(self.spectra_entries, directions, clipped, self._clipper.group, self._tp_rank)
-        return clipped
+    def _keep_update_norms(self, updates: list[Clipped]) -> None:
+        self.spectra_update_norms = self.update_norms(updates)
 
     # ------------------------------------------------------------------ gradients
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
         found_inf = self._megatron_class.prepare_grads(self)
-        if found_inf or getattr(self, "grad_scaler", None) is not None:  # the loss scaler checked
-            return found_inf
-        if self._nonfinite_gradients():
+        if not found_inf and getattr(self, "grad_scaler", None) is None:  # else the loss scaler checked
+            found_inf = self._nonfinite_gradients()
+        if found_inf:
             return True
         if self.spectra_config.spectra_pre_clip and not self.is_stub_optimizer:
-            group = self.optimizer.param_groups[0]
-            c = self._pre_clip(self.optimizer.spectra_step, group["lr"], group.get("max_lr", group["lr"]))
-            grads = {e.main: e.main.grad for e in self.spectra_entries if e.main is not None and e.main.grad is not None}
-            for main, clipped in self._clip(grads, c, kinds=("matrix",)).items():
-                main.grad.copy_(clipped)
+            self.optimizer.pre_clip_gradients()  # the official order: before global-norm clipping
         return False
 
     def _nonfinite_gradients(self) -> bool:
         """Whether any process of this optimizer has an inf/NaN gradient; all agree."""
-        bad = [e.name for e in getattr(self, "spectra_entries", []) if e.main is not None and e.main.grad is not None and not torch.isfinite(e.main.grad).all()]
+        bad = [e.name for e in self.spectra_entries if e.main is not None and e.main.grad is not None and not torch.isfinite(e.main.grad).all()]
         flag = torch.tensor([float(bool(bad))])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.get_grad_stats_parallel_group())
         if flag.item() == 0:
@@ -140,21 +138,9 @@ class _SpectraMethods:
         if not self.is_stub_optimizer:
             self.optimizer.restore_step()
 
-    def spectra_log(self) -> dict:
-        """Scalars for Megatron's writers (TensorBoard / W&B)."""
-        if self.is_stub_optimizer:
-            return {}
-        stats = self._clipper.stats
-        return {
-            "spectra/clip-threshold": self.optimizer.last_threshold,
-            "spectra/bytes-sent": stats.bytes_sent,
-            "spectra/clip-seconds": stats.seconds,
-            **getattr(self, "spectra_update_norms", {}),
-        }
-
 
 def _init_state(optimizer, config=None) -> None:
-    optimizer.init_all_state()
+    optimizer.init_state()
 
 
 def _shares(cls):

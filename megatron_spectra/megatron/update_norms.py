@@ -48,34 +48,9 @@ def update_norms(entries: list[Entry], before: dict, after: dict, group, tp_rank
 
 
 def full_matrix(entry: Entry, piece: torch.Tensor | None, tp_rank: int, device) -> torch.Tensor:
-    """This process's contribution to the full matrix: its piece in place, zeros elsewhere."""
+    """This process's contribution to the full matrix: its piece in place, zeros elsewhere
+    (and only zeros from the TP ranks other than 0 for a TP-replicated tensor)."""
     p = entry.placement
-    full = torch.zeros(p.matrix_shape, dtype=torch.float32, device=device)
-    replicated = p.tp_dim is None
-    if piece is None or piece.numel() == 0 or (replicated and tp_rank != 0):
-        return full
-    block = torch.zeros(p.block_shape, dtype=torch.float32, device=device)
-    start, end = p.range
-    block.view(-1)[start:end] = piece.reshape(-1).float()
-    rows, cols = p.block_shape
-    if p.tp_dim == 0:
-        full[p.tp_block * rows : (p.tp_block + 1) * rows] = block
-    elif p.tp_dim == 1:
-        full[:, p.tp_block * cols : (p.tp_block + 1) * cols] = block
-    else:
-        full.copy_(block)
-    return full
-
-
-def local_piece(entry: Entry, full: torch.Tensor) -> torch.Tensor:
-    """The inverse of full_matrix: this process's piece (its flat range of its TP block)."""
-    p = entry.placement
-    rows, cols = p.block_shape
-    if p.tp_dim == 0:
-        block = full[p.tp_block * rows : (p.tp_block + 1) * rows]
-    elif p.tp_dim == 1:
-        block = full[:, p.tp_block * cols : (p.tp_block + 1) * cols]
-    else:
-        block = full
-    start, end = p.range
-    return block.reshape(-1)[start:end]
+    if piece is None or piece.numel() == 0 or (p.tp_dim is None and tp_rank != 0):
+        return torch.zeros(p.matrix_shape, dtype=torch.float32, device=device)
+    return p.embed(piece.float().to(device)).reshape(p.matrix_shape)

@@ -25,7 +25,7 @@ def inverse_sqrt_newton_schulz(a_hat: torch.Tensor, steps: int) -> torch.Tensor:
     """The official iteration: plain Newton, a fixed number of steps, in the input's dtype.
 
     On an eigenvalue x of Â the small y = x grows only x2.25 per step, so 10 steps resolve
-    the inverse square root only down to x ~ 1e-3 (s_max/c <~ 10; SPEC.md section 1).
+    the inverse square root only down to x ~ 1e-3 (s_max/c <~ 10: see `spectra bench clip`).
     """
     eye = torch.eye(a_hat.size(-1), dtype=a_hat.dtype, device=a_hat.device)
     y, z = a_hat.clone(), eye.expand_as(a_hat).clone()

@@ -1,4 +1,4 @@
-"""Clipping-threshold schedules and the per-matrix scale alpha (SPEC.md section 2)."""
+"""Clipping-threshold schedules (section 5.2 of arXiv 2603.14315, item 3) and the per-matrix scale alpha (item 1)."""
 
 from __future__ import annotations
 

@@ -111,6 +111,10 @@ def _logging_args(parser) -> None:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--ckpt-step", type=int, default=None, help="with --load: this iteration's checkpoint, not the latest")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer gathered into model space (loadable at another TP/PP/DP "
+                        "layout); default: dp_reshardable, which reshards over DP only")
     g.add_argument("--tensorboard-dir", default=None)
 
 

@@ -14,24 +14,7 @@ import sys
 import time
 from datetime import datetime
 
-
-# megatron-core and torch warnings that every process prints once on this path and that a user
-# cannot act on: optional CUDA accelerators, CUDA-only tuning advice, deprecations inside the
-# libraries themselves.
-KNOWN_NOISE = (
-    ".*Transformer Engine and Apex are not installed.*",
-    ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
-    ".*full scope is deprecated.*",
-    ".*is deprecated. Please use `torch.distributed.*",
-    ".*The .grad attribute of a Tensor that is not a leaf Tensor.*",
-)
-
-
-def quiet_known_warnings() -> None:
-    import warnings
-
-    for message in KNOWN_NOISE:
-        warnings.filterwarnings("ignore", message=message)
+from ..known_warnings import KNOWN_NOISE, quiet_known_warnings  # noqa: F401  (the trainer's entry points call it)
 
 
 def training_line(iteration: int, train_iters: int, consumed: int, ms_per_iter: float, lr: float,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from . import checkpoint
 from ..megatron.arguments import spectra_config_from_args
+from ..megatron.scalars import spectra_scalars
 from .args import padded_vocab_size
 from .data import build_datasets, build_tokenizer, ensure_builtin_corpus, micro_batches
 from .logs import MetricsFile, ProgressBar, training_line, validation_lines
@@ -25,7 +26,17 @@ from .norms import UpdateNorms
 
 
 class Trainer:
-    def __init__(self, args, device: torch.device):
+    """`Trainer(args, device).run()` trains this rank's part of the model for the parsed flags.
+
+    Two optional hooks, for callers that need to see inside a run (the tests do):
+    - `init_model(module)`: called with this rank's GPTModel stage right after it is built,
+      before DDP wraps it and before any --load; it may overwrite the weights in place.
+    - `on_step(trainer, record)`: called at the start of `run()` with record None (after any
+      --load) and after every iteration with that iteration's record (lm_loss, skipped, lr,
+      ...); `trainer.iteration`, `.model` and `.optimizer` are the live ones.
+    """
+
+    def __init__(self, args, device: torch.device, init_model=None, on_step=None):
         from megatron.core import parallel_state as ps
 
         self.args, self.device = args, device
@@ -34,10 +45,16 @@ class Trainer:
         data_path = args.data_path or [ensure_builtin_corpus(args.trainer_out, tokenizer)]
         self.train_ds, self.valid_ds, _ = build_datasets(args, tokenizer, data_path)
         self.dp_rank = ps.get_data_parallel_rank()
-        self.model = wrap_ddp(build_model(args, padded_vocab_size(tokenizer.vocab_size, args)).to(device), args)
+        module = build_model(args, padded_vocab_size(tokenizer.vocab_size, args))
+        if init_model is not None:
+            init_model(module)
+        self.model = wrap_ddp(module.to(device), args)
         self.optimizer = build_optimizer(args, self.model)
         self.scheduler = build_scheduler(args, self.optimizer)
-        self.iteration = checkpoint.load(args.load, self.model, self.optimizer, self.scheduler) if args.load else 0
+        self.iteration = 0
+        if args.load:
+            self.iteration = checkpoint.load(args.load, self.model, self.optimizer, self.scheduler, args.ckpt_step)
+        self.on_step = on_step
         self.norms = UpdateNorms([self.model], self.optimizer, args.weight_decay) if args.trainer_update_norms else None
         self.metrics = MetricsFile(os.path.join(args.trainer_out, "metrics.jsonl") if self.rank0 else None)
         self.tensorboard = _tensorboard(args.tensorboard_dir) if self.rank0 else None
@@ -107,6 +124,8 @@ class Trainer:
         bar = ProgressBar(args.train_iters, args.trainer_name or args.optimizer) if self.rank0 and args.trainer_progress else None
         window, train_ms, opt_ms, timed = [], 0.0, 0.0, 0
         val_loss = None
+        if self.on_step is not None:
+            self.on_step(self, None)
         while self.iteration < args.train_iters:
             measure = self.norms is not None and (self.iteration + 1) % args.log_interval == 0
             record = self.train_step(measure)
@@ -123,7 +142,10 @@ class Trainer:
             if args.eval_iters > 0 and self.iteration % args.eval_interval == 0:
                 val_loss = self._validate()
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
-                checkpoint.save(args.save, self.iteration, self.model, self.optimizer, self.scheduler)
+                checkpoint.save(args.save, self.iteration, self.model, self.optimizer, self.scheduler,
+                                args.dist_ckpt_optim_fully_reshardable)
+            if self.on_step is not None:
+                self.on_step(self, record)
         if args.eval_iters > 0 and (val_loss is None or self.iteration % args.eval_interval):
             val_loss = self._validate()
         return self._summary(val_loss, train_ms, opt_ms, timed)
@@ -229,15 +251,6 @@ def build_scheduler(args, optimizer):
         start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
         wsd_decay_steps=args.lr_wsd_decay_iters, lr_wsd_decay_style=args.lr_wsd_decay_style,
     )
-
-
-def spectra_scalars(optimizer) -> dict:
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    scalars = {}
-    for part in parts:
-        if hasattr(part, "spectra_log"):
-            scalars.update(part.spectra_log())
-    return scalars
 
 
 def set_seed(seed: int) -> None:

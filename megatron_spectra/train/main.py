@@ -19,17 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(argv: list[str] | None = None) -> dict:
-    """Parse, set up, train; the run's summary (also the last line of metrics.jsonl)."""
+def train(argv: list[str] | None = None, **hooks) -> dict:
+    """Parse, set up, train; the run's summary (also the last line of metrics.jsonl).
+    `hooks`: the Trainer's optional init_model and on_step."""
     quiet_known_warnings()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     args = parse_args(argv, world)
     cpu = args.cpu or not torch.cuda.is_available()
     with _process_group(cpu), _megatron_device(cpu, force=args.cpu):
-        return run(args)
+        return run(args, **hooks)
 
 
-def run(args) -> dict:
+def run(args, **hooks) -> dict:
     from megatron.core import parallel_state as ps
 
     from .loop import Trainer, set_seed
@@ -43,7 +44,7 @@ def run(args) -> dict:
     try:
         set_seed(args.seed)
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        return Trainer(args, device).run()
+        return Trainer(args, device, **hooks).run()
     finally:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

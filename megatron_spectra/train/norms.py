@@ -2,10 +2,10 @@
 clipping (U, the base optimizer's direction) and after it (H_c(U), what SPECTRA applies
 times lr·alpha). Without clipping (adam, sgd) the two are the same.
 
-- Spectra optimizers: the directions are caught on their way through the clip (the inner
-  optimizer's `clip_fn`), as the ZeRO/TP pieces each rank holds, and measured by the
-  adapter's `update_norms` (what `--spectra-log-update-norms` does at every step; here only
-  at the steps asked for).
+- Spectra optimizers: an update observer of the inner optimizer catches this rank's ZeRO/TP
+  pieces of U and H_c(U) after the clip, and the Megatron optimizer's `update_norms` measures
+  them (what `--spectra-log-update-norms` does at every step; here only at the steps asked
+  for).
 - Other optimizers: the direction is read off the parameter change,
   U = (W·(1 - lr·wd) - W') / lr (decoupled weight decay, as Megatron's AdamW applies it; fp32
   params), and TP blocks are joined with one all-gather.
@@ -28,7 +28,7 @@ class UpdateNorms:
     def __init__(self, model_chunks, optimizer, weight_decay: float):
         from megatron.core import parallel_state as ps
 
-        self.spectra = [p for p in _parts(optimizer) if hasattr(p, "spectra_entries")]
+        self.spectra = [p for p in _parts(optimizer) if getattr(p, "spectra_entries", None)]
         self.model_chunks, self.weight_decay = model_chunks, weight_decay
         self.reporter = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         self.armed = False
@@ -38,16 +38,11 @@ class UpdateNorms:
             self._catch(part)
 
     def _catch(self, part) -> None:
-        inner = part.optimizer
-        clip = inner.clip_fn
-
-        def clip_fn(directions, c):
-            clipped = clip(directions, c)
+        def observe(updates):
             if self.armed:
-                self.caught.append((part, directions, clipped))
-            return clipped
+                self.caught.append((part, updates))
 
-        inner.clip_fn = clip_fn
+        part.optimizer.register_update_observer(observe)
 
     def arm(self) -> None:
         """Measure the coming optimizer step."""
@@ -73,13 +68,9 @@ class UpdateNorms:
     # ------------------------------------------------------------------ spectra optimizers
 
     def _spectra_norms(self) -> list[tuple[float, float]]:
-        from megatron.core import parallel_state as ps
-
-        from ..megatron.update_norms import update_norms
-
         norms = []
-        for part, directions, clipped in self.caught:
-            scalars = update_norms(part.spectra_entries, directions, clipped, part._clipper.group, ps.get_tensor_model_parallel_rank())
+        for part, updates in self.caught:
+            scalars = part.update_norms(updates)
             if "spectra/update-norm-before-max" in scalars:
                 norms.append((scalars["spectra/update-norm-before-max"], scalars["spectra/update-norm-after-max"]))
         return norms

@@ -1,4 +1,4 @@
-"""One 4-process and one 2-process launch for all FSDP tests (see fsdp_workers.py)."""
+"""One 4-process and one 2-process launch for all FSDP tests (see tests/support/fsdp_workers.py)."""
 
 import pytest
 
@@ -12,7 +12,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def four_ranks(checkpoints):
-    from fsdp_workers import four_rank_suite
+    from tests.support.fsdp_workers import four_rank_suite
 
     return run_distributed(four_rank_suite, 4, (checkpoints,), timeout=600)
 
@@ -20,6 +20,6 @@ def four_ranks(checkpoints):
 @pytest.fixture(scope="session")
 def two_ranks(four_ranks, checkpoints):
     """Runs after the 4-rank suite: it resumes that suite's checkpoints at 2 ranks."""
-    from fsdp_workers import two_rank_suite
+    from tests.support.fsdp_workers import two_rank_suite
 
     return run_distributed(two_rank_suite, 2, (checkpoints,), timeout=400)

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from fsdp_workers import TINY_BENCH
+from tests.support.fsdp_workers import TINY_BENCH
 from megatron_spectra.bench import fsdp as bench
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fsdp_workers import UNEVEN_CASES, four_rank_runs, uneven_reference
-from megatron_spectra.fsdp.testing import Run, reference_losses
+from tests.support.fsdp_workers import UNEVEN_CASES, four_rank_runs, uneven_reference
+from tests.support.fsdp import Run, reference_losses
 
 pytestmark = pytest.mark.slow
 

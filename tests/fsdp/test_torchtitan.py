@@ -7,7 +7,7 @@ pytest.importorskip(
     reason="torchtitan is not importable: pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3 tyro",
 )
 
-from megatron_spectra.fsdp.testing import Run, reference_losses  # noqa: E402
+from tests.support.fsdp import Run, reference_losses  # noqa: E402
 from megatron_spectra.fsdp.torchtitan import NAMES, SpectraOptimizersContainer, build_spectra  # noqa: E402
 
 pytestmark = pytest.mark.slow

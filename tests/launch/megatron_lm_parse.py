@@ -19,7 +19,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from megatron.training import arguments
 
-    import megatron_spectra.megatron.lm  # noqa: F401  (patches add_megatron_arguments)
+    import megatron_spectra.megatron_lm.hook  # noqa: F401  (patches add_megatron_arguments)
 
     parser = arguments.add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False))
     for argv in json.load(sys.stdin):

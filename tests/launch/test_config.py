@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_spectra.launch import ConfigError, check_paths, layout, load_config, trainer_args, validate
+from megatron_spectra.launch import ConfigError, layout, load_config, missing_inputs, trainer_args, validate
 from megatron_spectra.launch.config import resolve_bases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,16 +63,30 @@ def test_missing_env_and_paths_name_the_key(tmp_path):
     data = tiny(data__path="${DATA_PATH}")
     with pytest.raises(ConfigError, match="data.path: environment variable DATA_PATH is not set"):
         validate(data, env={})
-    config = load_config(CONFIGS / "780m-deep" / "spectra-adamw.yaml", env={**ENV, "MEGATRON_LM": ""})
-    keys = {e.key for e in check_paths(config)}
-    assert keys == {"data.path", "data.vocab_file", "data.merge_file", "megatron.path"}
+    ok = load_config(CONFIGS / "780m-deep" / "spectra-adamw.yaml", env={"DATA_PATH": str(tmp_path / "d"), "VOCAB_FILE": str(tmp_path / "v"),
+                                                                          "MERGE_FILE": str(tmp_path / "m"), "MEGATRON_LM": str(tmp_path)})
+    assert {e.key for e in missing_inputs(ok)} == {"data.path", "data.vocab_file", "data.merge_file", "megatron.path"}
     (tmp_path / "d.bin").write_bytes(b""), (tmp_path / "d.idx").write_bytes(b"")
     for name in ("v", "m"):
         (tmp_path / name).write_text("x")
     (tmp_path / "pretrain_gpt.py").write_text("")
-    ok = load_config(CONFIGS / "780m-deep" / "spectra-adamw.yaml", env={"DATA_PATH": str(tmp_path / "d"), "VOCAB_FILE": str(tmp_path / "v"),
-                                                                          "MERGE_FILE": str(tmp_path / "m"), "MEGATRON_LM": str(tmp_path)})
-    assert check_paths(ok) == []
+    assert missing_inputs(ok) == []
+
+
+def test_unset_variables_are_missing_inputs_like_absent_files():
+    """allow_unset (the spectra commands): an unset ${VAR} stays in the value and is one more
+    missing input, reported with the absent files, all at once."""
+    config = load_config(CONFIGS / "780m-deep" / "spectra-adamw.yaml", env={"DATA_PATH": "/nowhere/fwe"}, allow_unset=True)
+    missing = {e.key: str(e) for e in missing_inputs(config)}
+    assert set(missing) == {"data.path", "data.vocab_file", "data.merge_file", "megatron.path"}
+    assert "no /nowhere/fwe.bin" in missing["data.path"]
+    assert missing["data.vocab_file"].endswith("data.vocab_file: environment variable VOCAB_FILE is not set")
+    assert missing["megatron.path"].endswith("megatron.path: environment variable MEGATRON_LM is not set")
+    assert config["data"]["vocab_file"] == "${VOCAB_FILE}"  # what the dry run's command shows
+    builtin = validate(tiny(data__vocab_file="${VOCAB_FILE}"), env={}, allow_unset=True)
+    assert missing_inputs(builtin) == []  # the builtin trainer reads no vocabulary file
+    with pytest.raises(ConfigError, match="launcher: environment variable WHERE is not set"):
+        validate(tiny(launcher="${WHERE}"), env={}, allow_unset=True)  # not a valid value: an error at once
 
 
 def test_inheritance_and_float_spelling():
@@ -85,7 +99,7 @@ def test_inheritance_and_float_spelling():
     assert over["training"]["lr"] == 1e-3
 
 
-# The paper's numbers (SPEC.md section 2 table; spectra_math.md 3.5; the official scripts).
+# The paper's numbers (arXiv 2603.14315, Appendix F: Tables F.1 and F.5-F.8; the official run scripts).
 PAPER = {
     "124m": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, batch=256, clip=0.5, betas=("0.8", "0.999"), iters=24414, tied=True),
     "160m": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=512, batch=256, clip=0.5, betas=("0.8", "0.999"), iters=128000, tied=False),
@@ -154,30 +168,10 @@ def test_every_model_has_its_optimizers():
             assert (model, opt) in names
 
 
-def test_spectra_table_matches_the_hook_parser():
-    """schema.SPECTRA is the --spectra-* flags of megatron.arguments.add_spectra_arguments."""
-    pytest.importorskip("megatron.core")
-    import argparse
-
-    from megatron_spectra.megatron.arguments import add_spectra_arguments
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--optimizer", choices=["adam"])
-    add_spectra_arguments(parser)
-    flags = {a.option_strings[0]: [a.dest, list(a.choices or []), a.default] for a in parser._actions
-             if a.option_strings and a.option_strings[0].startswith("--spectra")}
-    from megatron_spectra.launch.schema import SPECTRA
-
-    assert {spec.flag for spec in SPECTRA.values()} == set(flags)
-    for key, spec in SPECTRA.items():
-        dest, choices, default = flags[spec.flag]
-        assert dest == "spectra_" + key and list(spec.choices) == choices and spec.default == default, key
-
-
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LM_CHECKOUT"), reason="set MEGATRON_LM_CHECKOUT to a Megatron-LM checkout to parse with its own parser")
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LM"), reason="set MEGATRON_LM to a Megatron-LM checkout to parse with its own parser")
 def test_megatron_lm_parser_accepts_every_paper_command():
     commands = [trainer_args(load_config(p, env=ENV)) for p in RUN_FILES]
-    out = subprocess.run([sys.executable, str(Path(__file__).parent / "megatron_lm_parse.py"), os.environ["MEGATRON_LM_CHECKOUT"]],
+    out = subprocess.run([sys.executable, str(Path(__file__).parent / "megatron_lm_parse.py"), os.environ["MEGATRON_LM"]],
                          input=json.dumps(commands), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1:] == ["ok"], out.stdout + out.stderr
 

@@ -66,7 +66,7 @@ def test_sbatch_rendezvous(name, tmp_path):
     assert '--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in script
     assert '--nnodes "$SLURM_NNODES" --nproc-per-node 8 --rdzv-id "$SLURM_JOB_ID"' in script
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script and "export NCCL_SOCKET_IFNAME=ib0" in script
-    assert f"-m megatron_spectra.run /opt/mlm/pretrain_gpt.py" in script
+    assert f"-m megatron_spectra.megatron_lm /opt/mlm/pretrain_gpt.py" in script
     assert f"--save {tmp_path}/{config.name}/checkpoints" in script
 
 
@@ -139,3 +139,68 @@ def test_tiny_local_launch(tmp_path):
     assert run_state(run, 4) == COMPLETED
     results, _ = collect(tmp_path)
     assert results[0].row["iteration"] == 4 and results[0].row["final_val_loss"] is not None
+
+
+def test_run_names_say_what_varies():
+    from megatron_spectra.launch.sweep import run_name_of
+
+    assert run_name_of({"training.lr": 1e-3, "optimizer.name": "adam"}) == "lr=0.001_optimizer=adam"
+    assert run_name_of({"training.seed": 1, "data.seed": 2}) == "training.seed=1_data.seed=2"
+
+
+def _builtin_run(root: Path, name: str, optimizer: str, losses: list, norms: dict, exit_code: int | None = 0) -> Path:
+    """A run folder as the builtin trainer leaves it: config.yaml, metrics.jsonl, exit_code."""
+    import json
+
+    config = load_config(ROOT / "configs/demo.yaml", env={"SPECTRA_RUNS": str(root)},
+                         overrides={"name": name, "optimizer.name": optimizer, "training.train_iters": len(losses)})
+    prepare(config, "local")
+    records = []
+    for it, loss in enumerate(losses, 1):
+        record = {"kind": "train", "iteration": it, "lm_loss": loss}
+        if it in norms:
+            record.update(update_norm_before=norms[it][0], update_norm_after=norms[it][1])
+        records.append(record)
+    records += [{"kind": "valid", "iteration": len(losses), "lm_loss": 2.5},
+                {"kind": "summary", "val_loss": 2.5, "tokens_per_s": 1234.0, "optimizer_share": 0.2}]
+    (config.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (config.run_dir / "logs" / "train.log").write_text(_megatron_log([(10, 3.0), (20, 2.0)], len(losses)))
+    if exit_code is not None:
+        (config.run_dir / "exit_code").write_text(f"{exit_code}\n")
+    return config.run_dir
+
+
+def test_collect_reads_the_builtin_trainers_metrics(tmp_path):
+    losses = [4.0, 3.0, 3.5, 2.0] + [2.0] * 18  # 22 iterations, logged at 10 and 20 only
+    _builtin_run(tmp_path, "s/clipped", "spectra-adamw", losses, {1: (50.0, 40.0), 10: (30.0, 9.9), 20: (20.0, 9.5)})
+    _builtin_run(tmp_path, "s/baseline", "adam", [4.0, 2.0] + [float("inf")] + [2.0] * 19, {10: (30.0, 30.0)}, exit_code=1)
+    results, _ = collect(tmp_path / "s")
+    rows = {r.row["run"]: r.row for r in results}
+    clipped, baseline = rows["clipped"], rows["baseline"]
+    assert clipped["state"] == COMPLETED  # from metrics.jsonl: 22 of 22, though the log stops at 20
+    assert clipped["final_train_loss"] == pytest.approx(2.0) and clipped["final_val_loss"] == 2.5
+    assert clipped["largest_loss_rise"] == pytest.approx(0.5)  # 3.0 -> 3.5 after the first 10% (2 iterations)
+    assert clipped["max_update_norm"] == 9.9  # iteration 1 is warm-up
+    assert clipped["tokens_per_s"] == 1234.0 and clipped["optimizer_share"] == 0.2 and clipped["clip_threshold"] == 10.0
+    assert baseline["state"] == FAILED and baseline["largest_loss_rise"] == float("inf")
+    assert baseline["clip_threshold"] is None  # its config's spectra section is defaults it never used
+    table = to_markdown(results)
+    assert "| max update norm after warm-up |" in table and "| 20% |" in table and "diverged" in table
+    megatron_only = [r for r in results if r.row["run"] == "clipped"]
+    megatron_only[0].row.update(max_update_norm=None, optimizer_share=None)
+    assert "optimizer step share" not in to_markdown(megatron_only)  # a column no run has is left out
+    paths = write_outputs(tmp_path / "s", results, plot_name="demo.png")
+    assert paths["plot"].name == "demo.png" and paths["plot"].stat().st_size > 10_000
+
+
+def test_one_world_takes_local_builtin_runs_of_one_size(tmp_path):
+    from megatron_spectra.launch.one_world import check_one_world
+
+    demo = load_config(ROOT / "configs/demo.yaml", env={"SPECTRA_RUNS": str(tmp_path)})
+    check_one_world([demo, demo])
+    paper = load_config(ROOT / "configs/160m/adamw.yaml", env={**ENV, "SPECTRA_RUNS": str(tmp_path)})
+    with pytest.raises(ConfigError, match="entry"):
+        check_one_world([demo, paper])
+    other = load_config(ROOT / "configs/tiny-cpu.yaml", env={"SPECTRA_RUNS": str(tmp_path)})
+    with pytest.raises(ConfigError, match="parallel.gpus_per_node: differs"):
+        check_one_world([demo, other])

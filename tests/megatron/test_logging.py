@@ -30,39 +30,35 @@ class FakeWandb:
         self.calls.append((dict(values), step))
 
 
-def _train_and_log(rank, world, tp, log_norms=(True,)):
+def _train_and_log(rank, world, workdir, tp, log_norms=(True,)):
     """One result per entry of `log_norms` (several runs in one process save its start-up)."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from megatron_spectra.megatron.config import SpectraOptimizerConfig
-    from megatron_spectra.megatron.cpu import megatron_on_cpu
     from megatron_spectra.megatron.scalars import write_spectra_scalars
-    from megatron_spectra.megatron.testing import TinyGPT
-    from megatron_spectra.megatron.train_loop import megatron_run
+    from tests.support.megatron import NamedWeights, Record, tiny_gpt, train
+
+    def scalars(trainer):
+        tensorboard, wandb = FakeTensorBoard(), FakeWandb()
+        written = write_spectra_scalars(trainer.optimizer, STEPS, tensorboard, wandb)
+        return {"written": written, "tensorboard": tensorboard.calls, "wandb": wandb.calls}
 
     results = []
     for flag in log_norms:
-        config = SpectraOptimizerConfig(
-            optimizer="spectra-adamw", lr=1e-3, weight_decay=0.1, clip_grad=0.0, use_distributed_optimizer=True,
-            spectra_mode="accurate", spectra_clip_threshold=C, spectra_clip_schedule="constant",
-            spectra_log_update_norms=flag,
-        )
-        with megatron_on_cpu():
-            out = megatron_run(config, TinyGPT(), tp, 1, STEPS, 8, 4, True)
-        tensorboard, wandb = FakeTensorBoard(), FakeWandb()
-        written = write_spectra_scalars(out["optimizer"], STEPS, tensorboard, wandb)
-        results.append({"written": written, "tensorboard": tensorboard.calls, "wandb": wandb.calls})
+        flags = ("--optimizer spectra-adamw --lr 1e-3 --weight-decay 0.1 --clip-grad 0 --use-distributed-optimizer "
+                 f"--spectra-mode accurate --spectra-clip-threshold {C} --spectra-clip-schedule constant").split()
+        argv = tiny_gpt(workdir, f"log-tp{tp}-{flag}", tp=tp, steps=STEPS, global_batch=8, micro_batch=4)
+        record = Record(finish=scalars)
+        train(argv + flags + (["--spectra-log-update-norms"] if flag else []), init_model=NamedWeights(), on_step=record)
+        results.append(record.final)
     return results
 
 
 @pytest.fixture(scope="module")
-def logged():
+def logged(tmp_path_factory):
     """The scalars after the same 3 steps at TP=2 x DP=2 (ZeRO-1) and in one process (there
-    also without update norms)."""
-    single, without_norms = run_distributed(_train_and_log, 1, args=(1, (True, False)), timeout=300)[0]
+    also without update norms), from the built-in trainer."""
+    workdir = str(tmp_path_factory.mktemp("trainer"))
+    single, without_norms = run_distributed(_train_and_log, 1, args=(workdir, 1, (True, False)), timeout=300)[0]
     return {
-        "tp2dp2": [r[0] for r in run_distributed(_train_and_log, 4, args=(2,), timeout=300)],
+        "tp2dp2": [r[0] for r in run_distributed(_train_and_log, 4, args=(workdir, 2), timeout=300)],
         "single": single,
         "without_norms": without_norms,
     }

@@ -1,10 +1,10 @@
 """Spectra inside a real Megatron-LM checkout: pretrain_gpt.py end to end, both ways in.
 
-Runs only with MEGATRON_LM_PATH naming a checkout (Megatron-LM is not on PyPI):
+Runs only with MEGATRON_LM naming a checkout (Megatron-LM is not on PyPI):
 
-    MEGATRON_LM_PATH=/path/to/Megatron-LM pytest tests/megatron/test_megatron_lm.py
+    MEGATRON_LM=/path/to/Megatron-LM pytest tests/megatron/test_megatron_lm.py
 
-- the zero-edit runner: `torchrun --nproc-per-node 4 -m megatron_spectra.run pretrain_gpt.py`;
+- the zero-edit runner: `torchrun --nproc-per-node 4 -m megatron_spectra.megatron_lm pretrain_gpt.py`;
 - the patched checkout: patches/apply.sh on a copy, then `torchrun pretrain_gpt.py`;
 - apply.sh on pretrain_gpt.py of every release tag core_v0.16.1 .. core_v0.19.0 the
   checkout's git knows.
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-MEGATRON_LM = os.environ.get("MEGATRON_LM_PATH")
-needs_checkout = pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout")
+MEGATRON_LM = os.environ.get("MEGATRON_LM")
+needs_checkout = pytest.mark.skipif(not MEGATRON_LM, reason="set MEGATRON_LM to a Megatron-LM checkout")
 
 REPO = Path(__file__).resolve().parents[2]
 APPLY = REPO / "patches" / "apply.sh"
@@ -109,7 +109,7 @@ def _check_run(run: dict) -> None:
 def runner_run(tmp_path_factory):
     _requirements()
     tmp = tmp_path_factory.mktemp("runner")
-    return _torchrun(Path(MEGATRON_LM), ["-m", "megatron_spectra.run", str(Path(MEGATRON_LM) / "pretrain_gpt.py")], tmp)
+    return _torchrun(Path(MEGATRON_LM), ["-m", "megatron_spectra.megatron_lm", str(Path(MEGATRON_LM) / "pretrain_gpt.py")], tmp)
 
 
 @needs_checkout
@@ -164,12 +164,12 @@ def test_apply_sh_patches_every_release(tag, tmp_path):
     patched = script.read_text().splitlines()
     original = shown.stdout.splitlines()
     assert [line for line in patched if "megatron_spectra" in line] == [
-        "import megatron_spectra.megatron.lm  # noqa: F401  megatron-spectra: --optimizer spectra-*"
+        "import megatron_spectra.megatron_lm.hook  # noqa: F401  megatron-spectra: --optimizer spectra-*"
     ]
     assert [line for line in patched if "megatron_spectra" not in line] == original  # nothing else changed
 
 
 def test_apply_sh_refuses_a_script_where_the_hook_is_not_first(tmp_path):
-    (tmp_path / "pretrain_gpt.py").write_text('"""doc"""\nimport os\nimport megatron_spectra.megatron.lm\n')
+    (tmp_path / "pretrain_gpt.py").write_text('"""doc"""\nimport os\nimport megatron_spectra.megatron_lm.hook\n')
     done = subprocess.run(["bash", str(APPLY), str(tmp_path)], capture_output=True, text=True)
     assert done.returncode != 0 and "not the first import" in done.stderr

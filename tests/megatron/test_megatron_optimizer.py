@@ -1,4 +1,10 @@
-"""Spectra optimizers inside real megatron-core (0.16.1) on CPU processes under gloo."""
+"""Spectra optimizers inside real megatron-core (0.16.1) on CPU processes under gloo, driven by
+the built-in trainer (`megatron_spectra.train`) with a tiny GPT, against the single-process
+reference `Spectra` on the same data.
+
+Two launches serve every test (process start-up dominates a tiny run): one process runs the
+TP=1 x DP=1 case and the references, four processes run every other case one after another.
+"""
 
 import math
 
@@ -8,54 +14,71 @@ import torch
 pytest.importorskip("megatron.core")
 
 from megatron_spectra.launch.spawn import run_distributed  # noqa: E402
+from tests.support.megatron import NamedWeights, NaNGradient, Record, reference, tiny_gpt, train  # noqa: E402
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, LR, C = 10, 8, 2, 1e-3, 0.5
+BASES = ("adamw", "signum", "ademamix")
+LAYOUTS = [(1, 1, 1, True), (2, 1, 2, True), (1, 1, 4, True), (2, 2, 1, True), (2, 1, 2, False), (2, 2, 1, False)]
+
+# Eleven short trainings in two launches; on 2 busy cores they outlast the default timeout.
+pytestmark = pytest.mark.timeout(1500)
 
 
-def _spectra_config(base, distributed, **overrides):
-    from megatron_spectra.megatron.config import SpectraOptimizerConfig
-
-    kwargs = dict(
-        optimizer=f"spectra-{base}", lr=LR, weight_decay=0.1, clip_grad=1.0, use_distributed_optimizer=distributed,
-        spectra_mode="accurate", spectra_clip_threshold=C, spectra_clip_schedule="constant",
-    )
-    return SpectraOptimizerConfig(**{**kwargs, **overrides})
+def _flags(base, distributed, clip_grad=1.0, nonfinite="skip"):
+    flags = (f"--optimizer spectra-{base} --lr {LR} --weight-decay 0.1 --clip-grad {clip_grad} --spectra-mode accurate "
+             f"--spectra-clip-threshold {C} --spectra-clip-schedule constant --spectra-nonfinite {nonfinite}").split()
+    return flags + (["--use-distributed-optimizer"] if distributed else [])
 
 
-def _megatron(rank, world, base, tp, pp, distributed, overrides=None, hook=None):
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from megatron_spectra.megatron.cpu import megatron_on_cpu
-    from megatron_spectra.megatron.testing import TinyGPT
-    from megatron_spectra.megatron.train_loop import megatron_run
-
-    with megatron_on_cpu():
-        out = megatron_run(_spectra_config(base, distributed, **(overrides or {})), TinyGPT(), tp, pp, STEPS,
-                           GLOBAL_BATCH, MICRO_BATCH, distributed, hook=hook)
-        return {"losses": out["losses"], "successes": out["successes"], "record": getattr(hook, "record", None)}
+def _layout_name(tp, pp, dp, distributed):
+    return f"tp{tp}-pp{pp}-dp{dp}" + ("" if distributed else "-ddp")
 
 
-def _reference(rank, world, base):
-    import warnings
+def _cases(world: int) -> dict:
+    """name -> (argv, the on_step hook's extra check or None)."""
+    cases = {}
+    for tp, pp, dp, distributed in LAYOUTS:
+        if tp * pp * dp == world:
+            cases[f"adamw-{_layout_name(tp, pp, dp, distributed)}"] = (tp, pp, _flags("adamw", distributed), None)
+    if world == 4:
+        for base in ("signum", "ademamix"):
+            cases[f"{base}-tp2-pp1-dp2"] = (2, 1, _flags(base, True), None)
+        cases["bound"] = (2, 1, _flags("adamw", True, clip_grad=0.0), _BoundCheck)
+        cases["nan-skip"] = (2, 1, _flags("adamw", True, clip_grad=0.0), NaNGradient)
+        cases["nan-raise"] = (2, 1, _flags("adamw", True, clip_grad=0.0, nonfinite="raise"), NaNGradient)  # last: it fails
+    return cases
 
-    warnings.filterwarnings("ignore")
-    from megatron_spectra.megatron.cpu import megatron_on_cpu
-    from megatron_spectra.megatron.testing import TinyGPT
-    from megatron_spectra.megatron.train_loop import reference_run
 
-    kwargs = dict(base=base, lr=LR, weight_decay=0.1, clip_threshold=C, clip_schedule="constant", mode="accurate")
-    with megatron_on_cpu():
-        return reference_run(TinyGPT(), STEPS, GLOBAL_BATCH, kwargs, clip_grad=1.0, weight_decay=0.1)
+def _trainings(rank, world, workdir):
+    out = {}
+    if world == 1:
+        kwargs = dict(clip_threshold=C, clip_schedule="constant", mode="accurate")  # lr, decay: from the flags
+        for base in BASES:
+            argv = tiny_gpt(workdir, f"reference-{base}", steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
+            out[f"reference-{base}"] = reference(argv + _flags(base, True), dict(kwargs, base=base))
+    for name, (tp, pp, flags, check) in _cases(world).items():
+        argv = tiny_gpt(workdir, name, tp=tp, pp=pp, steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
+        extra = check() if check is not None else None
+        record = Record(also=extra)
+        try:
+            train(argv + flags, init_model=NamedWeights(), on_step=record)
+        except Exception as error:  # noqa: BLE001 -- the raise policy's error is the result
+            out[name] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        out[name] = {**record.result(), "checked": getattr(extra, "record", getattr(extra, "weights", None))}
+    return out
 
 
-_REFERENCE = {}
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("trainer"))
+    single = run_distributed(_trainings, 1, args=(workdir,), timeout=900)
+    four = run_distributed(_trainings, 4, args=(workdir,), timeout=1200)
+    return {"single": single, "four": four}
 
 
-def reference(base):
-    if base not in _REFERENCE:
-        _REFERENCE[base] = run_distributed(_reference, 1, args=(base,), timeout=300)[0]
-    return _REFERENCE[base]
+def _results(runs, name):
+    return runs["single"] if name in runs["single"][0] else runs["four"]
 
 
 def assert_same_losses(got, want, tol=1e-4):
@@ -64,34 +87,36 @@ def assert_same_losses(got, want, tol=1e-4):
     assert max(errors) <= tol, [f"{e:.1e}" for e in errors]
 
 
-@pytest.mark.parametrize(
-    "tp, pp, dp, distributed",
-    [(1, 1, 1, True), (2, 1, 2, True), (1, 1, 4, True), (2, 2, 1, True), (2, 1, 2, False), (2, 2, 1, False)],
-    ids=lambda v: str(v),
-)
-def test_spectra_adamw_matches_the_reference_at_every_layout(tp, pp, dp, distributed):
-    results = run_distributed(_megatron, tp * pp * dp, args=("adamw", tp, pp, distributed), timeout=600)
-    for result in results:
-        assert all(result["successes"])
-        assert_same_losses(result["losses"], reference("adamw"))
+@pytest.mark.parametrize("tp, pp, dp, distributed", LAYOUTS, ids=lambda v: str(v))
+def test_spectra_adamw_matches_the_reference_at_every_layout(runs, tp, pp, dp, distributed):
+    name = f"adamw-{_layout_name(tp, pp, dp, distributed)}"
+    want = runs["single"][0]["reference-adamw"]
+    for result in _results(runs, name):
+        assert all(result[name]["successes"])
+        assert_same_losses(result[name]["losses"], want)
 
 
 @pytest.mark.parametrize("base", ["signum", "ademamix"])
-def test_other_bases_match_the_reference(base):
-    results = run_distributed(_megatron, 4, args=(base, 2, 1, True), timeout=600)
-    assert_same_losses(results[0]["losses"], reference(base))
+def test_other_bases_match_the_reference(runs, base):
+    assert_same_losses(runs["four"][0][f"{base}-tp2-pp1-dp2"]["losses"], runs["single"][0][f"reference-{base}"])
+
+
+def test_the_bases_train_differently(runs):
+    """Guards the two tests above: equal losses mean the right base, not that it does not matter."""
+    references = [tuple(runs["single"][0][f"reference-{base}"]) for base in BASES]
+    assert len(set(references)) == len(BASES)
 
 
 class _BoundCheck:
-    """Before each step, remember the weights; after it, measure each applied matrix step."""
+    """After each step (and at the start), remember the weights; measure each applied matrix step."""
 
     def __init__(self):
         self.before, self.record = None, []
 
-    def __call__(self, step, model, optimizer):
+    def __call__(self, trainer, _record):
         from megatron.core import parallel_state
 
-        params = dict(model.module.named_parameters())
+        params = dict(trainer.model.module.named_parameters())
         if self.before is not None:
             tp = parallel_state.get_tensor_model_parallel_world_size()
             group = parallel_state.get_tensor_model_parallel_group()
@@ -114,50 +139,23 @@ def _gather_tp(t, p, tp, group):
     return torch.cat(pieces, dim=p.partition_dim)
 
 
-def test_every_applied_matrix_step_is_within_lr_alpha_c():
-    results = run_distributed(_megatron, 4, args=("adamw", 2, 1, True, {"clip_grad": 0.0}, _BoundCheck()), timeout=600)
-    bounds = [b for r in results for b in r["record"]]
-    assert bounds and max(bounds) <= 1 + 1e-4, max(bounds)
+def test_every_applied_matrix_step_is_within_lr_alpha_c(runs):
+    bounds = [b for r in runs["four"] for b in r["bound"]["checked"]]
+    assert len(bounds) == 4 * STEPS * 10  # per rank: 10 matrices (TP blocks joined) after every step
+    assert max(bounds) <= 1 + 1e-4, max(bounds)
     assert max(bounds) > 0.5  # the clip is active in this run, so the check means something
 
 
-@pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_a_nan_gradient_on_one_rank_skips_everywhere_or_raises(policy):
-    from megatron_spectra.launch.spawn import DistributedFailure
-
-    args = ("adamw", 2, 1, True, {"spectra_nonfinite": policy, "clip_grad": 0.0}, _NaNAtStep3())
-    if policy == "raise":
-        with pytest.raises(DistributedFailure, match="non-finite gradient"):
-            run_distributed(_megatron, 4, args=args, timeout=600)
-        return
-    results = run_distributed(_megatron, 4, args=args, timeout=600)
-    for r in results:
-        assert r["successes"] == [True] * 3 + [False] + [True] * (STEPS - 4)
-        assert all(math.isfinite(x) for x in r["losses"])
-        weights_before_step3, weights_after_step3, weights_after_step4 = r["record"]
+def test_a_nan_gradient_on_one_rank_skips_everywhere(runs):
+    for r in runs["four"]:
+        result = r["nan-skip"]
+        assert result["successes"] == [True] * 3 + [False] + [True] * (STEPS - 4)
+        assert all(math.isfinite(x) for x in result["losses"])
+        weights_before_step3, weights_after_step3, weights_after_step4 = result["checked"]
         assert weights_after_step3 == weights_before_step3  # the skipped step changed nothing
         assert weights_after_step4 != weights_after_step3  # and training went on
 
 
-class _NaNAtStep3:
-    """At step 3, rank 1's first weight gets a NaN gradient during the backward; every rank
-    records a fingerprint of its weights before steps 3, 4 and 5."""
-
-    def __init__(self):
-        self.record = []
-
-    def __call__(self, step, model, optimizer):
-        if step in (3, 4, 5):
-            self.record.append([p.detach().double().sum().item() for p in model.module.parameters()])
-        if step != 3 or torch.distributed.get_rank() != 1:
-            return
-        weight = next(p for p in model.module.parameters() if p.ndim == 2)
-        handle = None
-
-        def poison(grad):
-            handle.remove()
-            grad = grad.clone()
-            grad.view(-1)[0] = float("nan")
-            return grad
-
-        handle = weight.register_hook(poison)
+def test_a_nan_gradient_on_one_rank_raises_everywhere_with_the_raise_policy(runs):
+    for r in runs["four"]:
+        assert "non-finite gradient" in r["nan-raise"]["error"]

@@ -1,4 +1,5 @@
-"""Megatron-LM integration: `--optimizer spectra-*` for pretrain_gpt.py, without forking it.
+"""The Megatron-LM hook: `--optimizer spectra-*` for pretrain_gpt.py, without forking it.
+Importing this module installs it.
 
 `install()` patches five names of megatron.training, all resolved at call time:
 - `arguments.add_megatron_arguments`: adds the spectra names to `--optimizer` and the
@@ -16,9 +17,9 @@ also switches megatron-core to CPU (`cpu.enable_megatron_cpu`, which refuses whe
 available), lets `initialize_megatron` run without CUDA and makes gloo the backend. The flag
 is read from `sys.argv` at install, because Megatron-LM asserts CUDA before it parses args.
 
-Two ways in: the patch in `patches/` adds `import megatron_spectra.megatron.lm` to
-pretrain_gpt.py (importing this module installs), or, with no edit, run
-`torchrun ... -m megatron_spectra.run pretrain_gpt.py <args>`.
+Two ways in: the patch in `patches/` adds `import megatron_spectra.megatron_lm.hook` to
+pretrain_gpt.py, or, with no edit, run
+`torchrun ... -m megatron_spectra.megatron_lm pretrain_gpt.py <args>` (`__main__.py`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from __future__ import annotations
 import os
 import sys
 
-from .arguments import add_spectra_arguments, spectra_config_from_args
-from .config import OPTIMIZERS
-from .scalars import write_spectra_scalars
+from ..megatron.arguments import add_spectra_arguments, spectra_config_from_args
+from ..megatron.config import OPTIMIZERS
+from ..megatron.scalars import write_spectra_scalars
 
 _ORIGINALS: dict = {}
 _LIVE_OPTIMIZERS: list = []
@@ -41,7 +42,7 @@ def install() -> None:
     import megatron.training.arguments as arguments
     import megatron.training.training as training
 
-    from . import factory
+    from ..megatron import factory
 
     _patch(arguments, "add_megatron_arguments", lambda original: lambda parser: add_spectra_arguments(original(parser)))
     _patch(arguments, "validate_args", _validate_as_adam)
@@ -99,7 +100,7 @@ def _announce(config, optimizer) -> None:
 def uninstall() -> None:
     for (module, name), original in _ORIGINALS.items():
         if module == "cpu":
-            from .cpu import disable_megatron_cpu
+            from ..megatron.cpu import disable_megatron_cpu
 
             disable_megatron_cpu()
         else:
@@ -114,7 +115,7 @@ def _patch(module, name: str, wrap) -> None:
 
 
 def _switch_to_cpu(training) -> None:
-    from .cpu import enable_megatron_cpu
+    from ..megatron.cpu import enable_megatron_cpu
 
     enable_megatron_cpu()  # raises on a machine with CUDA: megatron would silently leave the GPU idle
     # validate_args insists on it with TP on pre-Blackwell devices (our stand-in is 0.0);

@@ -10,20 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from megatron_spectra.engine import Placement
-from megatron_spectra.fsdp.testing import Run, train
+from tests.support.fsdp import Run, train
 
 # ----------------------------------------------------------------------------- placements
-
-
-def piece(full: torch.Tensor, p: Placement) -> torch.Tensor:
-    """The elements a placement says this rank holds, cut from the full tensor."""
-    m = full.reshape(p.matrix_shape)
-    rows, cols = p.block_shape
-    if p.tp_dim == 1:
-        m = m[:, p.tp_block * cols : (p.tp_block + 1) * cols]
-    start, end = p.range
-    return m.reshape(-1)[start:end]
 
 
 def _numbered(*shape) -> nn.Parameter:
@@ -77,7 +66,7 @@ def check_layouts(rank, world) -> dict:
         kinds = ["matrix"] + (["vector"] if not any(getattr(p, "dim", 0) == 1 for p in t.placements) else [])
         for kind in kinds:
             p = engine_placement(t, name, kind)
-            got, want = t.to_local().reshape(-1), piece(full, p)
+            got, want = t.to_local().reshape(-1), p.piece_of(full)
             assert torch.equal(got, want), f"{name} ({kind}) on rank {rank}: {p}"
         report[name] = (str(t.placements), tuple(t.to_local().shape))
     return report
@@ -161,7 +150,7 @@ def uneven(rank, world, layout: str, options: tuple = ()):
 
 
 def uneven_reference(options: tuple = ()):
-    from megatron_spectra.fsdp.testing import FSDP_ONLY
+    from tests.support.fsdp import FSDP_ONLY
     from megatron_spectra.optim import Spectra
 
     model = uneven_model()
@@ -230,7 +219,7 @@ def bench_worker(rank, world, cfg):
 def two_rank_suite(rank, world, checkpoints: str) -> dict:
     out = {"runs": {name: train(rank, world, run) for name, run in two_rank_runs(checkpoints).items()}}
     if torchtitan_available():
-        from torchtitan_workers import torchtitan_suite
+        from tests.support.torchtitan_workers import torchtitan_suite
 
         out["torchtitan"] = torchtitan_suite(rank, world, f"{checkpoints}/torchtitan")
     return out

@@ -10,12 +10,12 @@ schedulers, and the FQN-keyed flat optimizer state dict that its checkpointer ha
 
 from __future__ import annotations
 
-TT_OPTIONS = dict(clip_threshold=1.0)  # the reference run's c (fsdp.testing.SPECTRA_OPTIONS)
+TT_OPTIONS = dict(clip_threshold=1.0)  # the reference run's c (tests.support.fsdp.SPECTRA_OPTIONS)
 TT_LR = 1e-2
 
 
 def _setup(world: int, warmup: int):
-    from megatron_spectra.fsdp.testing import LlamaConfig, TinyLlama, parallelize
+    from megatron_spectra.bench.models import LlamaConfig, TinyLlama, parallelize
     from megatron_spectra.fsdp.torchtitan import spectra_optimizer
 
     model = TinyLlama(LlamaConfig())
@@ -28,7 +28,7 @@ def _setup(world: int, warmup: int):
 def _steps(model, optimizers, schedulers, steps, dp_rank, dp_size) -> list[float]:
     import torch.distributed as dist
 
-    from megatron_spectra.fsdp.testing import LlamaConfig, batch, loss_fn
+    from megatron_spectra.bench.models import LlamaConfig, batch, loss_fn
 
     losses = []
     for step in steps:
@@ -82,6 +82,6 @@ def torchtitan_suite(rank: int, world: int, path: str) -> dict:
     state = _state(model, optimizers, schedulers)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
-    out["loaded_step"] = optimizers.optimizers[0]._step
+    out["loaded_step"] = optimizers.optimizers[0].spectra_step
     out["resumed"] = _steps(model, optimizers, schedulers, range(4, 8), dp_rank, dp_size)
     return out

@@ -1,0 +1,342 @@
+"""The SPECTRA step, once for every path: the reference optimizer, Megatron's main params, FSDP2.
+
+    X_{k+1} = (1 - lr_k·wd) X_k - lr_k·alpha·H_{c_k}(U_k)           (eq. 2 of arXiv 2603.14315)
+
+`SpectraStep` runs it over whatever tensors its optimizer holds: whole weights, Megatron's
+1-D ZeRO shards of them, or DTensors. The base direction U_k is element-wise, so it runs on
+any piece. It knows nothing of processes; a distributed path plugs in at one seam, the
+optimizer's `clipper`, which clips the directions (each full tensor once) and tells whether
+every process's tensors are finite. What a piece cannot tell (how its full tensor is
+clipped, its alpha) comes from `spec_of`, which an adapter answers from its own records.
+
+As in the official code (Algorithm 3 of the paper), a param group with lr = 0 (a frozen
+group, or the first warm-up step) still advances its base moments and step count; only its
+clip and update are skipped. One c_k serves every param of a step (the official code's),
+from the schedule at the step count, lr and peak lr of the first group with lr > 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Protocol, Sequence
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from ..ops.soft_clip import ClipNumerics, clip_vector, clip_wide
+from .schedules import ThresholdSchedule, matrix_scale
+
+STAGES = ("update", "gradient")  # what a clipper call clips: directions U_k, or gradients (pre-clipping)
+EMBEDDING_OR_OUTPUT = ("lm_head", "output", "output_layer", "head")  # module names of output layers
+
+
+class NonFiniteError(ValueError):
+    """A gradient or update with inf/NaN was about to reach the weights."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What the step needs to know of a param beyond its tensor."""
+
+    name: str
+    kind: str  # its update's clip: "matrix" (SSC), "vector" (the vector rule) or "none"
+    scale: float  # alpha = sqrt(max(1, d_out/d_in)) of the global shape if kind is "matrix", else 1
+    matrix: bool  # a weight matrix: pre-clipping clips its gradient, whatever `kind` says
+
+
+class Clip(NamedTuple):
+    """One tensor for the clipper: a param's direction (or gradient), laid out like the param."""
+
+    param: torch.Tensor
+    spec: ParamSpec
+    tensor: torch.Tensor
+    kind: str  # "matrix" | "vector"
+
+
+class Clipped(NamedTuple):
+    """What update observers get, per clipped param: this process's pieces of U and H_c(U)."""
+
+    param: torch.Tensor
+    spec: ParamSpec
+    u: torch.Tensor
+    h: torch.Tensor
+
+
+class Clipper(Protocol):
+    """The distributed seam. Every process of a step calls both methods alike, in order."""
+
+    def clip(self, items: Sequence[Clip], c: float, stage: str) -> list[torch.Tensor]:
+        """H_c of every item's full tensor, as this process's piece laid out like the item.
+        `stage` ("update" | "gradient") lets a clipper keep a plan per kind of call."""
+
+    def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
+        """None if every process's tensors are finite; else which of this process's are not
+        (possibly none: the bad one is elsewhere). Every process gets None or not alike."""
+
+
+class LocalClipper:
+    """Clips whole tensors in this process: one process, or DDP's identical replicas."""
+
+    def __init__(self, numerics: ClipNumerics):
+        self.numerics = numerics
+
+    def clip(self, items: Sequence[Clip], c: float, stage: str = "update") -> list[torch.Tensor]:
+        return [clip_update(item.tensor, c, item.kind, self.numerics) for item in items]
+
+    def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
+        if not tensors:
+            return None
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors])  # one device sync, not one per tensor
+        return None if bool(finite.all()) else (~finite).nonzero().flatten().tolist()
+
+
+def clip_kind(param: torch.Tensor, apply_to: str, override: str | None = None, name: str | None = None) -> str:
+    """How a parameter's update is clipped: "matrix" (SSC), "vector" (the vector rule) or "none".
+
+    - "all" (the official default): every matrix (embedding and output layer too) gets SSC,
+      every 1-D parameter the vector rule;
+    - "2d": matrices only; 1-D parameters keep their plain base update;
+    - "hidden": matrices other than the embedding and output layer (the Muon convention);
+    - "none": nothing, the plain base optimizer (the paper's baselines through the same code).
+    A param group's "clip" key (`override`) wins over all of these.
+    """
+    if override is not None:
+        return override
+    if apply_to == "none":
+        return "none"
+    if param.ndim >= 2:
+        return "none" if apply_to == "hidden" and is_embedding_or_output(param, name) else "matrix"
+    return "vector" if apply_to == "all" else "none"
+
+
+def is_embedding_or_output(param: torch.Tensor, name: str | None = None) -> bool:
+    """Megatron marks them `is_embedding_or_output_parameter`; a param without the mark counts
+    by its name: its module's name contains "embed" or "wte"/"wpe", or is one of
+    EMBEDDING_OR_OUTPUT ("lm_head", "output", ...). Anything else: a group's "clip" key."""
+    marked = getattr(param, "is_embedding_or_output_parameter", None)
+    if marked is not None:
+        return bool(marked)
+    if not name:
+        return False
+    parts = name.split(".")
+    module = parts[-2] if len(parts) > 1 else parts[-1]
+    return "embed" in module or module in ("wte", "wpe") or module in EMBEDDING_OR_OUTPUT
+
+
+def clip_update(u: torch.Tensor, c: float, kind: str, numerics: ClipNumerics) -> torch.Tensor:
+    """H_c(u) of a whole tensor: SSC of a matrix, the vector rule, or u itself for "none"."""
+    if kind == "none":
+        return u
+    if c <= 0:  # the end of a wsd-sqrt schedule: H_c -> 0 as c -> 0
+        return torch.zeros_like(u)
+    if kind == "vector":
+        return clip_vector(u.reshape(-1), c, numerics).view_as(u)
+    return clip_matrix(u, c, numerics)
+
+
+def clip_matrix(u: torch.Tensor, c: float, numerics: ClipNumerics) -> torch.Tensor:
+    """SSC of a weight (d_out, *d_in) seen as a d_out x prod(d_in) matrix."""
+    m = u.reshape(u.shape[0], -1)
+    tall = m.shape[0] > m.shape[1]
+    (out,) = clip_wide([m.mT if tall else m], [c], numerics)
+    return (out.mT if tall else out).reshape(u.shape)
+
+
+class SpectraStep:
+    """The step of a torch optimizer that is SPECTRA. The optimizer sets `base`, `schedule`,
+    `pre_clip_schedule`, `numerics`, `nonfinite` ("raise" | "skip") and `track_update_norms`,
+    then calls `init_step(clipper)`.
+
+    Counters live in every param group, where torch, DCP and Megatron checkpoints keep them:
+    `spectra_step` (steps taken) and `spectra_skipped_steps`; each param's `state["step"]`
+    counts its own updates (its bias corrections). Every param has its state from the start,
+    so every process's `state_dict()` has the same keys, and DCP does not run a step at lr 0
+    to create it (which here would advance the counts).
+    """
+
+    base: object
+    schedule: ThresholdSchedule
+    pre_clip_schedule: ThresholdSchedule | None
+    numerics: ClipNumerics
+    nonfinite: str
+    track_update_norms: bool = False
+
+    def init_step(self, clipper: Clipper) -> None:
+        self.clipper = clipper
+        self._observers: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weak-referable dict
+        self._pre_clipped = False
+        self.last_threshold = self.schedule.c
+        self.last_update_norms: dict[str, tuple[float, float]] = {}
+        for group in self.param_groups:
+            self._start_counters(group)
+        self.init_state()
+
+    def init_state(self) -> None:
+        """The base's state (zero moments, step 0) for every param that has none yet."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    self.state[p].update(self.base.init_state(p))
+
+    # ------------------------------------------------------------------ what adapters answer
+
+    def spec_of(self, group: dict, param: torch.Tensor, name: str) -> ParamSpec:
+        """The param's clip kind, alpha and matrix-ness, from its (global) shape and the group's
+        "clip" key; an adapter whose params are pieces answers from its own records."""
+        kind = clip_kind(param, self.apply_to, group.get("clip"), name)
+        scale = matrix_scale(param.shape) if kind == "matrix" else 1.0
+        return ParamSpec(name, kind, scale, param.ndim >= 2)
+
+    def peak_lr(self, group: dict) -> float:
+        return group["peak_lr"]
+
+    def spectral_norm(self, param: torch.Tensor, tensor: torch.Tensor) -> float:
+        """||tensor||_2 of a param-shaped tensor, for `track_update_norms` (an SVD)."""
+        return float(torch.linalg.matrix_norm(tensor.reshape(tensor.shape[0], -1).float(), ord=2))
+
+    # ------------------------------------------------------------------ observers
+
+    def register_update_observer(self, observer: Callable[[list[Clipped]], None]) -> RemovableHandle:
+        """Call `observer(updates)` after every step's clip, with this process's pieces of U and
+        H_c(U) of every clipped param (not at a step whose groups all have lr = 0)."""
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = observer
+        return handle
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.pre_clip_schedule is not None and not self._pre_clipped:
+            self.pre_clip_gradients()
+        self._pre_clipped = False
+        params = [(group, p, spec) for group, p, spec in self._specs() if p.grad is not None]
+        if not self._finite_or_skip([p.grad for _, p, _ in params], [s.name for *_, s in params], "gradient"):
+            return loss
+        moved = [(group, p, spec, self._direction(group, p)) for group, p, spec in params]  # lr 0 too
+        moved = [(group, p, spec, u) for group, p, spec, u in moved if group["lr"] != 0]
+        updates = self._clip_updates(moved)
+        if not self._finite_or_skip(updates, [s.name for _, _, s, _ in moved], "update"):
+            return loss
+        for (group, p, spec, _), h in zip(moved, updates):
+            lr = group["lr"]
+            p.mul_(1 - lr * group["weight_decay"]).add_(h.view_as(p), alpha=-lr * spec.scale)
+        for group in self.param_groups:
+            group["spectra_step"] += 1
+        return loss
+
+    def _direction(self, group: dict, p: torch.Tensor) -> torch.Tensor:
+        """U_k; advances the param's moments and its step count."""
+        state = self.state[p]
+        state["step"] += 1
+        hyper = {k: group[k] for k in self.base.defaults}
+        return self.base.direction(p.grad, state, int(state["step"]), **hyper)
+
+    def _clip_updates(self, moved) -> list[torch.Tensor]:
+        """H_c(U) of every moved param (U itself where its kind is "none"), in one clipper call."""
+        c = self.threshold(self.schedule)
+        if c is None:  # every group has lr 0: nothing moves, on every process alike
+            return []
+        self.last_threshold = c
+        chosen = [i for i, (*_, spec, _) in enumerate(moved) if spec.kind != "none"]
+        items = [Clip(moved[i][1], moved[i][2], moved[i][3], moved[i][2].kind) for i in chosen]
+        outs = self.clipper.clip(items, c, "update")
+        clipped = [Clipped(item.param, item.spec, item.tensor, out) for item, out in zip(items, outs)]
+        self._observe(clipped)
+        updates = [u for *_, u in moved]
+        for i, out in zip(chosen, outs):
+            updates[i] = out
+        return updates
+
+    def _observe(self, clipped: list[Clipped]) -> None:
+        if self.track_update_norms:
+            self.last_update_norms = {
+                c.spec.name: (self.spectral_norm(c.param, c.u), self.spectral_norm(c.param, c.h))
+                for c in clipped if c.spec.kind == "matrix"
+            }
+        for observer in list(self._observers.values()):
+            observer(clipped)
+
+    def threshold(self, schedule: ThresholdSchedule) -> float | None:
+        """c_k of this step: the schedule at the first moving group (None if none moves)."""
+        group = next((g for g in self.param_groups if g["lr"] != 0), None)
+        if group is None:
+            return None
+        return schedule(group["spectra_step"], group["lr"], self.peak_lr(group))
+
+    # ------------------------------------------------------------------ pre-clipping
+
+    @torch.no_grad()
+    def pre_clip_gradients(self) -> None:
+        """SSC of every matrix gradient at the pre-clip threshold, no alpha (official order:
+        after the data-parallel reduction, before global-norm clipping)."""
+        if self.pre_clip_schedule is None:
+            raise RuntimeError(f"pre-clipping is off; construct {type(self).__name__}(..., pre_clip=True)")
+        c = self.threshold(self.pre_clip_schedule)
+        if c is not None:
+            items = [
+                Clip(p, spec, p.grad, "matrix")
+                for group, p, spec in self._specs()
+                if p.grad is not None and spec.matrix and group["lr"] != 0
+            ]
+            for item, out in zip(items, self.clipper.clip(items, c, "gradient")):
+                item.tensor.copy_(out.view_as(item.tensor))
+        self._pre_clipped = True
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _specs(self):
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"group{gi}.param{i}{tuple(p.shape)}" for i, p in enumerate(group["params"])]
+            yield from ((group, p, self.spec_of(group, p, name)) for p, name in zip(group["params"], names))
+
+    def _finite_or_skip(self, tensors, names, what: str) -> bool:
+        bad = self.clipper.find_nonfinite(tensors)
+        if bad is None:
+            return True
+        where = f"parameter(s) {[names[i] for i in bad]}" if bad else "a parameter of another process"
+        if self.nonfinite == "raise":
+            hint = " (paper-mode bf16 overflow? try mode='accurate')" if what == "update" else ""
+            raise NonFiniteError(f"non-finite {what} in {where}{hint}; the weights were not changed")
+        for group in self.param_groups:
+            group["spectra_skipped_steps"] += 1
+        return False
+
+    @property
+    def spectra_step(self) -> int:
+        """Steps taken (skipped ones not counted)."""
+        return self.param_groups[0]["spectra_step"] if self.param_groups else 0
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.param_groups[0]["spectra_skipped_steps"] if self.param_groups else 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "clipper"):  # torch's constructor adds the first groups before init_step
+            self._start_counters(self.param_groups[-1])
+            self.init_state()
+
+    def _start_counters(self, group: dict) -> None:
+        group.setdefault("spectra_step", self.spectra_step if group is not self.param_groups[0] else 0)
+        group.setdefault("spectra_skipped_steps", 0)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self.restore_counters()
+
+    def restore_counters(self) -> None:
+        """After torch's load_state_dict, which replaces every group by the saved one: the step
+        count from the checkpoint's `spectra_step`, else a plain Adam's group `step` (Megatron's
+        FusedAdam convention) or its params' `state["step"]` (torch's)."""
+        for group in self.param_groups:
+            step = group.get("spectra_step", group.get("step"))
+            if step is None:
+                step = next((self.state[p]["step"] for p in group["params"] if "step" in self.state[p]), 0)
+            group["spectra_step"] = int(step)
+            group.setdefault("spectra_skipped_steps", 0)
