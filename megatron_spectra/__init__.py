@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ClipNumerics": "ops",
+    "normalize_singular_values": "ops",
     "soft_spectral_clip": "ops",
     "soft_spectral_clip_svd": "ops",
     "spectral_clip": "ops",

@@ -21,11 +21,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 BASES = ("adamw", "signum", "ademamix")
-SCHEDULES = ("constant", "standard", "wsd-sqrt")
+SCHEDULES = ("constant", "standard", "wsd-sqrt", "wsd-linear", "wsd-cosine", "wsd-exp", "wsd-square")
+PRE_CLIP_SCHEDULES = ("constant", "linear", "cos", "sqrt", "exp", "square")  # the official names
+BASE_LRS = ("global", "group")
+POST_PROCESSES = ("clip", "normalize")
 MODES = ("paper", "accurate")
 APPLY_TO = ("all", "2d", "hidden", "none")
 NONFINITE = ("raise", "skip")
 STRATEGIES = ("auto", "owner", "gram")
+SIGNUM_INITS = ("weight", "zero")
 OPTIMIZERS = tuple(f"spectra-{base}" for base in BASES)  # Megatron's --optimizer names
 
 
@@ -182,13 +186,21 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # the clipping threshold and its schedule
     Setting("clip_threshold", float, 10.0, "c: every applied matrix step has spectral norm <= lr·alpha·c",
             check=positive),
-    Setting("clip_schedule", str, "standard", "constant | standard (c·lr_max/lr during warmup) | "
-            "wsd-sqrt (standard, then decays like a WSD sqrt lr; needs total_steps)", choices=SCHEDULES),
+    Setting("post_process", str, "clip", "clip (SSC at threshold c) | normalize (the official normalize_sigvals: every "
+            "singular value set to ~1 by Muon's quintic Newton-Schulz, vectors to u/(|u|+1e-7); no threshold; paper mode)",
+            choices=POST_PROCESSES),
+    Setting("clip_schedule", str, "standard", "constant (the official --disable_dynamic_clip) | standard (c·lr_max/lr "
+            "during warmup) | wsd-<decay> (standard, then the official --clip_decay_type <decay> from c to "
+            "c·clip_final_scale over the last decay_fraction of total_steps; needs total_steps)", choices=SCHEDULES),
+    Setting("clip_final_scale", float, 0.0, "wsd-* schedules end at c·clip_final_scale (the official --clip_final_scale)",
+            check=non_negative),
+    Setting("threshold_base_lr", str, "global", "lr_max of the warm-up rule: global (official: the lr setting, "
+            "Megatron's --lr, for every param group) | group (each param group's own peak lr)", choices=BASE_LRS),
     Setting("warmup_steps", int, 0, "warmup length of the threshold schedule (Megatron-LM: --lr-warmup-iters)",
             check=at_least(0), flag=None, megatron_arg="lr_warmup_iters"),
-    Setting("total_steps", int, None, "training length, for wsd-sqrt (Megatron-LM: --train-iters)",
+    Setting("total_steps", int, None, "training length, for wsd-* and pre_clip_schedule (Megatron-LM: --train-iters)",
             check=at_least(1), optional=True, flag=None, megatron_arg="train_iters"),
-    Setting("decay_fraction", float, 0.2, "fraction of training over which wsd-sqrt decays the threshold",
+    Setting("decay_fraction", float, 0.2, "fraction of training over which wsd-* decay the threshold (the official --clip_decay_fract)",
             check=fraction),
     # how updates are clipped (split_qkv, split_fc1, strategy: the Megatron adapter's only)
     Setting("mode", str, "paper", "paper (the official bf16 Newton-Schulz numerics) | accurate (fp32, 1e-3 on every singular value)",
@@ -204,7 +216,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("strategy", str, "auto", "how sharded matrices are rebuilt: auto (cost model) | owner (gather to one rank) | gram",
             choices=STRATEGIES, spectra=False),
     Setting("pre_clip", bool, False, "SSC of every matrix gradient (no alpha) before global-norm clipping"),
-    Setting("pre_clip_threshold", float, 0.1, "the threshold of pre_clip", check=positive),
+    Setting("pre_clip_threshold", float, 0.1, "the threshold of pre_clip (the start value of a pre_clip_schedule)",
+            check=positive),
+    Setting("pre_clip_schedule", str, "constant", "constant (pre_clip_threshold, with the warm-up rule unless "
+            "clip_schedule is constant) | linear | cos | sqrt | exp | square: from pre_clip_threshold to "
+            "pre_clip_threshold_end over total_steps (the official --spectral_grad_clip_schedule)",
+            choices=PRE_CLIP_SCHEDULES),
+    Setting("pre_clip_threshold_end", float, None, "the end value of a pre_clip_schedule (the official "
+            "--spectral_grad_clip_c_end)", check=positive, optional=True),
     Setting("nonfinite", str, "raise", "an inf/NaN gradient (without a loss scaler): raise naming the parameter, "
             "or skip the step everywhere", choices=NONFINITE),
     Setting("track_update_norms", bool, False, "log the spectral norm of every matrix update before and after clipping "
@@ -214,6 +233,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             check=beta, bases=_SIGNUM, megatron="spectra_signum_momentum"),
     Setting("nesterov", bool, True, "Signum takes the sign of the Nesterov momentum; off: --spectra-signum-no-nesterov",
             bases=_SIGNUM, megatron="spectra_signum_nesterov", flag="--spectra-signum-no-nesterov"),
+    Setting("signum_init", str, "weight", "Signum's momentum buffer starts as the weight (after the first step's decay), "
+            "as the official Signum's does and the paper's runs had | zero (torch SGD's convention)",
+            choices=SIGNUM_INITS, bases=_SIGNUM),
     Setting("ademamix_beta3", float, 0.999, "AdEMAMix's slow-momentum decay beta3 (Spectra: betas[2])",
             check=beta, bases=_ADEMAMIX, spectra=False),
     Setting("mix_alpha", float, 8.0, "AdEMAMix's weight alpha of the slow momentum",
@@ -224,6 +246,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             check=at_least(0), optional=True, bases=_ADEMAMIX, megatron=None, flag=None),
     Setting("ademamix_warmup", int, None, "warmup of AdEMAMix's alpha and beta3 together (the paper: about the whole run; "
             "Spectra: alpha_warmup = beta3_warmup)", check=at_least(0), optional=True, bases=_ADEMAMIX, spectra=False),
+    Setting("decay_embeddings", bool, False, "weight decay also on the embeddings and the output layer (Megatron's "
+            "default); off: wd there is 0, as on norms and biases: the paper decays Linear weights only", spectra=False),
     # Megatron-LM
     Setting("cpu", bool, False, "run Megatron-LM on CPU under gloo (machines without a GPU: tests, smoke runs)",
             spectra=False, megatron=None),
@@ -255,11 +279,14 @@ def hyperparameters(base: str) -> list[str]:
 # ---------------------------------------------------------------------------- Spectra's keywords
 
 
-def resolve(given: dict) -> dict:
+def resolve(given: dict, own: dict | None = None) -> dict:
     """Spectra's keywords: `given` checked, every applicable one filled in with its default.
 
     Errors name unknown keywords (and the valid ones), keywords that do not apply to the
-    base, and bad values."""
+    base, and bad values. `own`: the hyperparameter defaults of a base that is not built in
+    (optim.directions.register_base); they replace the built-in bases' hyperparameters."""
+    if own is not None:
+        return _resolve_own(given, own)
     known = {s.name for s in spectra_settings()}
     unknown = sorted(set(given) - known)
     if unknown:
@@ -279,10 +306,36 @@ def resolve(given: dict) -> dict:
     return values
 
 
+def generic_settings() -> list[Setting]:
+    """Spectra's keywords that every base takes (what a registered base adds its own to)."""
+    return [s for s in spectra_settings() if s.bases == BASES and s.name != "base"]
+
+
+def _resolve_own(given: dict, own: dict) -> dict:
+    """resolve() for a registered base: the generic settings checked, its own hyperparameters
+    (which its direction checks) filled in from its defaults."""
+    generic = generic_settings()
+    known = {s.name for s in generic} | set(own) | {"base"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise SettingError(f"unknown setting(s) {unknown} for base {given['base']!r}; it takes {sorted(known)}")
+    values = {s.name: s.validate(given.get(s.name, s.default)) for s in generic}
+    values.update({k: given.get(k, v) for k, v in own.items()}, base=given["base"])
+    check_together(values)
+    return values
+
+
 def check_together(values: dict, spell: Callable[[str], str] = lambda name: name) -> None:
-    """The one rule that ties two settings."""
-    if values["clip_schedule"] == "wsd-sqrt" and not values["total_steps"]:
-        raise SettingError(f"{spell('clip_schedule')}='wsd-sqrt' needs {spell('total_steps')} > 0")
+    """The rules that tie settings together."""
+    schedule, pre = values["clip_schedule"], values["pre_clip_schedule"]
+    if schedule.startswith("wsd-") and not values["total_steps"]:
+        raise SettingError(f"{spell('clip_schedule')}={schedule!r} needs {spell('total_steps')} > 0")
+    if pre != "constant" and (values["pre_clip_threshold_end"] is None or not values["total_steps"]):
+        raise SettingError(f"{spell('pre_clip_schedule')}={pre!r} needs {spell('pre_clip_threshold_end')} "
+                           f"and {spell('total_steps')} > 0")
+    if values["post_process"] == "normalize" and values["mode"] != "paper":
+        raise SettingError(f"{spell('post_process')}='normalize' is the official function, paper mode only "
+                           f"(fp32: {spell('ns_fp32')}); got {spell('mode')}={values['mode']!r}")
 
 
 def spectra_kwargs(config) -> dict:

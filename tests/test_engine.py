@@ -150,6 +150,53 @@ def test_a_mismatched_layout_raises_on_every_rank(fn, match):
         assert not ok and re.search(match, value), value
 
 
+def _wrong_piece(rank, world):
+    """The last rank's piece of 'b' is one element short of its flat range."""
+    a = Placement((8, 4), tp_dim=0, tp_size=2, tp_block=rank % 2)
+    b = Placement((6, 5), flat=(30 * rank // world, 30 * (rank + 1) // world))
+    short = int(rank == world - 1)
+    ShardedClipper().clip([torch.randn(a.local_numel), torch.randn(b.local_numel - short)], [a, b], 1.0, ["a", "b"])
+
+
+def _missing_threshold(rank, world):
+    """Rank 1 passes one threshold for two tensors."""
+    p = Placement((4, 4))
+    thresholds = [1.0] if rank == 1 else [1.0, 1.0]
+    ShardedClipper().clip([torch.randn(16), torch.randn(16)], [p, p], thresholds, ["a", "b"])
+
+
+def _nan_threshold(rank, world):
+    p = Placement((4, 4))
+    ShardedClipper().clip([torch.randn(16)], [p], float("nan") if rank == 0 else 1.0, ["w"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("fn, match", [
+    (_wrong_piece, r"tensor 1 \('b'\) on rank {last}: its local piece has \d+ elements, its placement says \d+"),
+    (_missing_threshold, r"rank 1 passes 2 tensors but 1 placements, names or thresholds"),
+    (_nan_threshold, r"tensor 0 \('w'\) on rank 0: its clipping threshold is not a finite number"),
+])
+def test_a_bad_local_piece_raises_the_same_error_on_every_rank(fn, match, world):
+    """A rank whose own arguments are bad must not raise alone (the others would block in the
+    first collective): every rank raises one and the same error, naming the tensor and rank."""
+    import re
+
+    results = run_all_failures(fn, world, timeout=60)
+    messages = set()
+    for ok, value in results:
+        assert not ok, value
+        last = value.strip().splitlines()[-1]
+        assert re.search(match.format(last=world - 1), last), last
+        assert last.startswith("megatron_spectra.engine.agreement.LayoutMismatch"), last
+        messages.add(last)
+    assert len(messages) == 1, messages
+
+
+def test_a_bad_piece_is_named_in_one_process():
+    with pytest.raises(LayoutMismatch, match=r"tensor 0 \('w'\) on rank 0: its local piece has 15 elements, its placement says 16"):
+        ShardedClipper().clip([torch.randn(15)], [Placement((4, 4))], 1.0, ["w"])
+
+
 def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks():
     d, ffn, vocab, layers, world = 768, 2048, 50304, 12, 8
     shapes = [(vocab, d)]

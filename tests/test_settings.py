@@ -28,7 +28,8 @@ BAD = [
     ("lr", -1e-3), ("lr", math.nan), ("weight_decay", -0.1), ("eps", -1e-8), ("betas", (0.9, 1.0)),
     ("momentum", 1.0), ("mix_alpha", -1.0), ("alpha_warmup", -1), ("ademamix_beta3", 1.0), ("ademamix_warmup", -1),
     ("clip_schedule", "cosine"), ("mode", "fast"), ("apply_to", "3d"), ("nonfinite", "ignore"), ("strategy", "nearest"),
-    ("ns_fp32", "yes"),
+    ("ns_fp32", "yes"), ("post_process", "orthogonalize"), ("clip_final_scale", -0.5), ("threshold_base_lr", "peak"),
+    ("pre_clip_schedule", "cosine"), ("pre_clip_threshold_end", 0.0),
 ]
 
 
@@ -79,10 +80,10 @@ def test_the_declared_base_defaults_are_the_directions_own(base):
 
 def test_the_declared_choices_are_what_the_code_implements():
     from megatron_spectra.ops.soft_clip import MODES
-    from megatron_spectra.optim.directions import BASES
+    from megatron_spectra.optim.directions import BUILT_IN
     from megatron_spectra.optim.schedules import SCHEDULES
 
-    assert SETTINGS["base"].choices == tuple(BASES)
+    assert SETTINGS["base"].choices == BUILT_IN
     assert SETTINGS["clip_schedule"].choices == SCHEDULES
     assert SETTINGS["mode"].choices == MODES
 
@@ -218,7 +219,9 @@ def test_every_launch_key_reaches_the_config_through_its_flag(megatron):
                "ns_fp32": True, "apply_to": "hidden", "split_qkv": True, "split_fc1": True, "strategy": "gram",
                "pre_clip": True, "pre_clip_threshold": 0.2, "nonfinite": "skip", "log_update_norms": True,
                "signum_momentum": 0.9, "signum_nesterov": False, "ademamix_beta3": 0.99, "ademamix_alpha": 4.0,
-               "ademamix_warmup": 5, "cpu": True}
+               "ademamix_warmup": 5, "cpu": True, "post_process": "normalize", "clip_final_scale": 0.5,
+               "threshold_base_lr": "group", "pre_clip_schedule": "linear", "pre_clip_threshold_end": 0.05,
+               "signum_init": "zero", "decay_embeddings": True}
     assert set(changed) == set(SPECTRA) and all(changed[k] != SPECTRA[k].default for k in changed)
     args = trainer_args(validate(tiny_config(**changed), env={}))
     parsed, _ = parser(megatron).parse_known_args(args)

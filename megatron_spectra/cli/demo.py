@@ -120,15 +120,12 @@ def overrides(args: argparse.Namespace, out: Path, gpus: bool) -> dict:
     return keys
 
 
-def check_trainer_flags(sweep) -> None:
-    """The builtin trainer's parser on every run's flags (--trainer-args too), here and now
-    rather than in every process after the world has started."""
-    from ..launch.command import trainer_args
-    from ..train.args import build_parser
+def check_trainer_flags(sweep) -> str | None:
+    """The builtin trainer's parser and checks on every run's flags (--trainer-args too), here
+    and now rather than in every process after the world has started: the first problem."""
+    from .launch import trainer_problem
 
-    parser = build_parser()
-    for run in sweep.runs:
-        parser.parse_args(trainer_args(run.config))  # argparse names the flag and exits 2
+    return next((f"run {run.name}: {p}" for run in sweep.runs if (p := trainer_problem(run.config))), None)
 
 
 def gpus_for(size: int) -> bool:
@@ -150,10 +147,10 @@ def run(args: argparse.Namespace) -> int:
         flag = FLAG_OF.get(getattr(e, "key", ""), "")
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
-    try:
-        check_trainer_flags(sweep)
-    except SystemExit as e:  # argparse has said which flag
-        return e.code if isinstance(e.code, int) else 2
+    problem = check_trainer_flags(sweep)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     first = sweep.runs[0].config
     steps, tp = first["training"]["train_iters"], first["parallel"]["tensor_parallel"]
     size = first["parallel"]["gpus_per_node"]

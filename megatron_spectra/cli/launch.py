@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
 from ..launch.command import describe, shell_join, to_command
-from ..launch.config import YamlLoader, load_config, missing_inputs
+from ..launch.config import load_config, load_yaml, missing_inputs
 from ..launch.errors import ConfigError
 
 
@@ -43,7 +41,7 @@ def parse_overrides(pairs: list[str], launcher: str | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(pair, "--set takes KEY=VALUE, e.g. training.lr=2e-3")
-        out[key] = yaml.load(value, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+        out[key] = load_yaml(value, f"--set {key}")
     if launcher:
         out["launcher"] = launcher
     return out
@@ -70,6 +68,10 @@ def run(args) -> int:
         return 0
     if missing:
         return refuse(missing)
+    problem = trainer_problem(config)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from ..launch import runner
 
     if where == "local":
@@ -83,6 +85,35 @@ def run(args) -> int:
         return 1
     print(f"{config.name}: submitted job {job}; logs in {config.run_dir / 'logs'}")
     return 0
+
+
+def trainer_problem(config) -> str | None:
+    """The builtin trainer's own parser and checks on the command line the config makes, here
+    and once: in the ranks, a bad flag is one traceback per process plus torchrun's.
+    (Megatron-LM's flags are checked by Megatron-LM, after the start.)"""
+    if config.data["entry"] != "builtin":
+        return None
+    try:
+        from ..launch.command import trainer_args
+        from ..train.args import build_parser, derive
+    except ImportError:  # a login node without torch: the job's processes will say it
+        return None
+
+    class Refused(Exception):
+        pass
+
+    def refuse(message):
+        raise Refused(message)
+
+    parser = build_parser()
+    parser.error = refuse  # argparse's own: the usage text and exit(2)
+    world = config.data["parallel"]["nodes"] * config.data["parallel"]["gpus_per_node"]
+    try:
+        derive(parser.parse_args(trainer_args(config)), world)
+    except (Refused, ValueError) as e:
+        extra = " (trainer.extra_args)" if config.data["trainer"]["extra_args"] else ""
+        return f"{config.source}: the builtin trainer refuses its command line{extra}: {e}"
+    return None
 
 
 def print_warnings(missing: list[ConfigError]) -> None:

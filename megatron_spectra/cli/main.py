@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..known_warnings import quiet_known_warnings
@@ -56,7 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()  # before any command imports megatron-core
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return args.run(args)
+    from ..launch.runner import Interrupted
+
+    try:
+        return args.run(args)
+    except Interrupted as e:  # a local run stopped by SIGTERM / SIGINT: its processes and exit_code are seen to
+        print(f"spectra {args.command}: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:  # Ctrl-C before or after any run
+        print(f"spectra {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `spectra ... | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ..launch.errors import ConfigError
-from .launch import add_common_arguments, format_command, parse_overrides, print_warnings, refuse
+from .launch import add_common_arguments, format_command, parse_overrides, print_warnings, refuse, trainer_problem
 
 
 def add_parser(subparsers) -> None:
@@ -82,6 +82,10 @@ def start(sweep, one_world: bool = False) -> int:
     missing = [e for i in todo for e in missing_inputs(sweep.runs[i].config)]
     if missing:
         return refuse(missing)
+    problems = [f"run {sweep.runs[i].name}: {p}" for i in todo if (p := trainer_problem(sweep.runs[i].config))]
+    if problems:
+        print(f"error: {problems[0]}" + (f" (and {len(problems) - 1} more runs)" if len(problems) > 1 else ""), file=sys.stderr)
+        return 2
     where = {sweep.runs[i].config["launcher"] for i in todo}
     if where == {"local"}:
         try:

@@ -5,12 +5,18 @@ sizes, which gloo answers by killing peers ("connection reset") and NCCL by hang
 call starts with one fixed-size all-gather of a fingerprint; only when the fingerprints
 change are the full descriptions exchanged (padded to one size) and compared field by field,
 so every process raises the same error, naming the tensor and the processes that disagree.
+
+The first all-gather also carries each process's local verdict on its own arguments (a piece
+whose size is not its placement's, lists of different lengths, a threshold that is not a
+number): a process that raised on its own before that collective would leave the others
+blocked in it, so the verdict is shared and every process raises the same error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import struct
 from typing import Sequence
 
@@ -46,11 +52,55 @@ def encode(placements: Sequence[Placement], names: Sequence[str]) -> torch.Tenso
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, _FIELDS)
 
 
-def fingerprint(encoded: torch.Tensor, thresholds: Sequence[float], finite: bool) -> torch.Tensor:
-    """(layout hash, tensor count, threshold hash, all inputs finite): 4 int64 per process."""
+# A process's verdict on its own arguments: (problem, tensor index, a, b); problem 0 is none.
+FINE = (0, -1, 0, 0)
+LENGTHS, SIZE, THRESHOLD = 1, 2, 3
+
+
+def local_problem(tensors, placements, names, thresholds) -> tuple[int, int, int, int]:
+    """What is wrong with this process's arguments, encoded for the fingerprint (FINE: nothing)."""
+    others = [n for n in (len(placements), len(names), len(thresholds)) if n != len(tensors)]
+    if others:
+        return (LENGTHS, -1, len(tensors), others[0])
+    for i, (t, p, c) in enumerate(zip(tensors, placements, thresholds)):
+        if t.numel() != p.local_numel:
+            return (SIZE, i, t.numel(), p.local_numel)
+        if not _finite_number(c):
+            return (THRESHOLD, i, 0, 0)
+    return FINE
+
+
+def _finite_number(c) -> bool:
+    try:
+        return math.isfinite(float(c))
+    except (TypeError, ValueError):
+        return False
+
+
+def describe_problem(rank: int, problem: Sequence[int], names: Sequence[str]) -> str:
+    kind, index, a, b = problem
+    if kind == LENGTHS:
+        return f"rank {rank} passes {a} tensors but {b} placements, names or thresholds (one of each per tensor)"
+    name = f"tensor {index} ({names[index]!r})" if 0 <= index < len(names) else f"tensor {index}"
+    if kind == SIZE:
+        return f"{name} on rank {rank}: its local piece has {a} elements, its placement says {b}"
+    return f"{name} on rank {rank}: its clipping threshold is not a finite number"
+
+
+def fingerprint(encoded: torch.Tensor, thresholds: Sequence[float], finite: bool,
+                problem: Sequence[int] = FINE) -> torch.Tensor:
+    """(layout hash, tensor count, threshold hash, all inputs finite, *local problem): 8 int64
+    per process."""
     layout = _hash(encoded.numpy().tobytes())
     cs = _hash(struct.pack(f"<{len(thresholds)}d", *thresholds))
-    return torch.tensor([layout, encoded.shape[0], cs, int(finite)], dtype=torch.int64)
+    return torch.tensor([layout, encoded.shape[0], cs, int(finite), *problem], dtype=torch.int64)
+
+
+def check_problems(fingerprints, names: Sequence[str]) -> None:
+    """Raises the same LayoutMismatch on every process when any process's arguments are bad."""
+    bad = [describe_problem(r, fp[4:8], names) for r, fp in enumerate(fingerprints) if fp[4] != FINE[0]]
+    if bad:
+        raise LayoutMismatch("bad input to the clip engine, nothing was changed: " + "; ".join(bad))
 
 
 def gather_fingerprints(fp: torch.Tensor, group, world: int, device) -> list[tuple[int, int, int]]:

@@ -6,8 +6,8 @@
 Every process passes its local piece of every tensor (the same tensors, in the same order,
 with their `Placement`), and gets back its piece of H_c(full tensor): each full matrix is
 clipped once (by its owner, or by the holders of its lines with one Gram all-reduce), never
-on every process. Per call: a 4-int all-gather to check that the processes agree, one
-all-to-all to the compute layout, the clips (same-shape owner matrices batched), one
+on every process. Per call: an 8-int all-gather to check that the processes agree and none
+has bad input, one all-to-all to the compute layout, the clips (same-shape owner matrices batched), one
 all-reduce for all Gram matrices (one per stage in accurate mode's rare multi-stage case),
 one for all vector norms, and one all-to-all back.
 """
@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ..ops.soft_clip import ClipNumerics, Reducer, clip_vector, clip_wide
-from .agreement import LayoutMismatch, encode, fingerprint, gather_fingerprints, gather_layouts, remote_placements
+from .agreement import (
+    FINE, LayoutMismatch, check_problems, encode, fingerprint, gather_fingerprints, gather_layouts, local_problem,
+    remote_placements,
+)
 from .exchange import Exchange
 from .placement import Placement
 from .plan import Plan, TensorPlan, build_plan
@@ -90,19 +93,17 @@ class ShardedClipper:
         start = time.perf_counter()
         names = list(names) if names is not None else [f"tensor{i}" for i in range(len(tensors))]
         thresholds = [float(thresholds)] * len(tensors) if isinstance(thresholds, (int, float)) else list(thresholds)
-        if not len(tensors) == len(placements) == len(names) == len(thresholds):
-            raise ValueError("clip needs one placement, name and threshold per tensor")
-        for t, p, n in zip(tensors, placements, names):
-            if t.numel() != p.local_numel:
-                raise ValueError(f"{n!r}: local piece has {t.numel()} elements, its placement says {p.local_numel}")
+        # Checked here but raised in the agreement step, on every process at once: raising
+        # alone would leave the others blocked in its first collective.
+        problem = local_problem(tensors, placements, names, thresholds)
         self.stats = ClipStats()
         device = tensors[0].device if tensors else torch.device("cpu")
         local = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0, device=device)
         finite = bool(torch.isfinite(local).all())
-        plan = self._plan_for(placements, names, thresholds, finite, device)
+        plan = self._plan_for(placements, names, thresholds, finite, device, problem)
         forward, backward = self._exchanges
         workspace = forward.run(local, self.group)
-        self._compute(workspace, plan, thresholds)
+        self._compute(workspace, plan, thresholds, [t.dtype for t in tensors])
         result = backward.run(workspace, self.group)
         self.stats.bytes_sent = 4 * (forward.elements_sent + backward.elements_sent)
         self.stats.bytes_received = 4 * (forward.elements_received + backward.elements_received)
@@ -115,12 +116,14 @@ class ShardedClipper:
 
     # ------------------------------------------------------------------ planning
 
-    def _plan_for(self, placements, names, thresholds, finite: bool, device) -> Plan:
-        encoded = encode(placements, names)
+    def _plan_for(self, placements, names, thresholds, finite: bool, device, problem=FINE) -> Plan:
+        encoded = encode(placements, names) if problem == FINE else encode([], [])
+        fp = fingerprint(encoded, thresholds if problem == FINE else [], finite, problem)
         if self.world == 1:
-            fingerprints = [tuple(fingerprint(encoded, thresholds, finite).tolist())]
+            fingerprints = [tuple(fp.tolist())]
         else:
-            fingerprints = gather_fingerprints(fingerprint(encoded, thresholds, finite), self.group, self.world, device)
+            fingerprints = gather_fingerprints(fp, self.group, self.world, device)
+        check_problems(fingerprints, names)
         if not all(fp[3] for fp in fingerprints):
             bad = [r for r, fp in enumerate(fingerprints) if not fp[3]]
             raise NonFiniteInput(f"the clip engine got inf/NaN input on rank(s) {bad}; nothing was changed")
@@ -144,7 +147,7 @@ class ShardedClipper:
 
     # ------------------------------------------------------------------ compute
 
-    def _compute(self, workspace: torch.Tensor, plan: Plan, thresholds: list[float]) -> None:
+    def _compute(self, workspace: torch.Tensor, plan: Plan, thresholds: list[float], dtypes: list[torch.dtype]) -> None:
         counter = _flop_counter() if self.count_flops else None
         with counter if counter is not None else contextlib.nullcontext():
             owner, gram, vectors = [], [], []
@@ -154,7 +157,7 @@ class ShardedClipper:
                     continue
                 view = workspace[region[0] : region[0] + region[1]]
                 if tp.placement.is_vector:
-                    vectors.append((view, thresholds[tp.index]))
+                    vectors.append((view, thresholds[tp.index], dtypes[tp.index]))
                 elif tp.strategy == "owner":
                     owner.extend(_owner_matrices(view, tp, thresholds[tp.index]))
                 else:
@@ -178,10 +181,11 @@ class ShardedClipper:
     def _clip_vectors(self, vectors, reducer: Reducer) -> None:
         if not vectors:
             return
-        sumsq = torch.stack([v.double().square().sum() if v.numel() else v.new_zeros((), dtype=torch.float64) for v, _ in vectors])
+        sumsq = torch.stack([v.double().square().sum() if v.numel() else v.new_zeros((), dtype=torch.float64) for v, *_ in vectors])
         reducer.sum_([sumsq])
-        for (v, c), s in zip(vectors, sumsq.sqrt()):
-            v.copy_(clip_vector(v, c, self.numerics, s.float()) if c > 0 else torch.zeros_like(v))
+        for (v, c, dtype), s in zip(vectors, sumsq.sqrt()):
+            # In the caller's dtype, as the official rule computes (the workspace is fp32).
+            v.copy_(clip_vector(v.to(dtype), c, self.numerics, s) if c > 0 else torch.zeros_like(v))
 
 
 # ----------------------------------------------------------------------------- matrices

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from ..engine import NonFiniteInput, ShardedClipper
 from ..optim.spectra import Spectra
-from ..optim.step import STAGES, Clip
+from ..optim.step import STAGES, Clip, Thresholds, stage_numerics, threshold_of
 from .placements import UnsupportedPlacement, connected_components, engine_placement, group_ranks, sharded_rank_sets, subgroup
 
 
@@ -43,7 +43,7 @@ class DTensorClipper:
 
     def __init__(self, group, clip_group, placements: dict, numerics):
         self.group, self.clip_group, self.placements, self.numerics = group, clip_group, placements, numerics
-        self.engines = {stage: ShardedClipper(clip_group, numerics) for stage in STAGES}
+        self.engines = {stage: ShardedClipper(clip_group, stage_numerics(numerics, stage)) for stage in STAGES}
 
     @property
     def stats(self):
@@ -54,11 +54,12 @@ class DTensorClipper:
         """The engine placement of a param's shard, clipped as `kind`."""
         return self.placements[(id(p), kind)]
 
-    def clip(self, items: Sequence[Clip], c: float, stage: str = "update") -> list[torch.Tensor]:
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update") -> list[torch.Tensor]:
         pieces = [local(item.tensor) for item in items]
         placements = [self.placement(item.param, item.kind) for item in items]
+        thresholds = [threshold_of(c, item.group) for item in items]  # every rank holds every param: alike
         try:
-            outs = self.engines[stage].clip(pieces, placements, c, [item.spec.name for item in items])
+            outs = self.engines[stage].clip(pieces, placements, thresholds, [item.spec.name for item in items])
         except NonFiniteInput:  # every rank gets it: hand the tensors on to the step's finiteness check
             return [item.tensor for item in items]
         return [shard_like(item.tensor, out.view_as(piece)) for item, piece, out in zip(items, pieces, outs)]

@@ -1,8 +1,8 @@
 """The command line a config produces: a pure function of the validated config.
 
     trainer_args(config)            # Megatron-LM flags (the builtin trainer takes the same)
-    to_command(config, "local")     # torchrun --standalone ... -m megatron_spectra.megatron_lm .../pretrain_gpt.py FLAGS
-    to_command(config, "slurm")     # torchrun with the c10d rendezvous on $MASTER_ADDR (inside srun)
+    to_command(config, "local")     # python -m torch.distributed.run --standalone ... -m megatron_spectra.megatron_lm .../pretrain_gpt.py FLAGS
+    to_command(config, "slurm")     # the same (torchrun) with the c10d rendezvous on $MASTER_ADDR (inside srun)
 
 The model is always LLaMA-style, as in the paper: SwiGLU, RMSNorm, RoPE, no biases.
 """
@@ -10,6 +10,7 @@ The model is always LLaMA-style, as in the paper: SwiGLU, RMSNorm, RoPE, no bias
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from .config import Config
@@ -151,12 +152,19 @@ def program(config: Config) -> list[str]:
     return ["-m", "megatron_spectra.megatron_lm", str(Path(config.data["megatron"]["path"] or "$MEGATRON_LM") / "pretrain_gpt.py")]
 
 
+# torchrun is `python -m torch.distributed.run`; spelled so, it needs no console script on PATH.
+# Locally: this very interpreter (a venv need not be activated). In a SLURM job: the job's
+# python3, whose environment is the config's slurm.setup lines (`source venv/bin/activate`,
+# `module load`): the login node's interpreter path may not exist on the compute nodes.
+TORCHRUN = ["-m", "torch.distributed.run"]
+
+
 def torchrun_args(config: Config, where: str) -> list[str]:
     nproc = fmt(config.data["parallel"]["gpus_per_node"])
     if where == "local":
-        return ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", nproc]
+        return [sys.executable, *TORCHRUN, "--standalone", "--nnodes", "1", "--nproc-per-node", nproc]
     if where == "slurm":  # one torchrun per node (srun --ntasks-per-node 1); c10d rendezvous on the first node
-        return ["torchrun", "--nnodes", Raw('"$SLURM_NNODES"'), "--nproc-per-node", nproc,
+        return ["python3", *TORCHRUN, "--nnodes", Raw('"$SLURM_NNODES"'), "--nproc-per-node", nproc,
                 "--rdzv-id", Raw('"$SLURM_JOB_ID"'), "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", Raw('"$MASTER_ADDR:$MASTER_PORT"')]
     raise ValueError(f"where must be local or slurm, got {where!r}")

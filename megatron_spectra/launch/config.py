@@ -29,18 +29,55 @@ from .schema import ANY, RELATIONS, REQUIRED, SECTIONS, SPECTRA, SUPPORTED, TOP,
 
 
 class YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` (no dot) as a string; learning rates are written that way."""
+    """YAML 1.1 reads `1e-3` (no dot) as a string; learning rates are written that way.
+    A key given twice in one mapping is an error: PyYAML lets the last one silently win."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, then overrides: allowed
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (the earlier value would be silently dropped)", key_node.start_mark)
+                seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep)
 
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
 YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+def load_yaml(text, where: str):
+    """YAML text (a string or a file) parsed; a syntax error or duplicate key is a ConfigError
+    naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        problem = " ".join(str(part) for part in (e.context, e.problem) if part)
+        raise ConfigError(line, f"invalid YAML: {problem}", where) from None
+    except yaml.YAMLError as e:  # e.g. a character YAML does not allow
+        raise ConfigError("", f"invalid YAML: {' '.join(str(e).split())}", where) from None
+
+
 def read_yaml(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        data = yaml.load(f, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = load_yaml(f, str(path))
+    except FileNotFoundError:
+        raise ConfigError("", "no such file", str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError("", "is a directory, not a YAML file", str(path)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not UTF-8 text ({e.reason} {e.object[e.start:e.start + 1]!r}): is it a YAML config?", str(path)) from None
+    except OSError as e:
+        raise ConfigError("", f"cannot be read: {e.strerror}", str(path)) from None
     if not isinstance(data, dict):
-        raise ConfigError("<file>", "a config is a mapping of sections", str(path))
+        raise ConfigError("", "a config is a mapping of sections", str(path))
     return data
 
 
@@ -157,7 +194,10 @@ def load_config(path: str | Path, overrides: dict | None = None, env: dict | Non
     data = resolve_bases(path)
     for dotted, value in (overrides or {}).items():
         data = set_dotted(data, dotted, value)
-    return validate(data, env=os.environ if env is None else env, source=str(path), allow_unset=allow_unset)
+    config = validate(data, env=os.environ if env is None else env, source=str(path), allow_unset=allow_unset)
+    if "/" in config.name:
+        raise ConfigError("name", f"must be a single folder name (<sweep>/<run> names a sweep's run), got {config.name!r}", str(path))
+    return config
 
 
 def validate(raw: dict, env: dict | None = None, source: str = "<dict>", allow_unset: bool = False) -> Config:

@@ -7,4 +7,5 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str, source: str | None = None):
         self.key = key
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: {message}")
+        what = f"{key}: " if key else ""  # no key: the file itself (unreadable, not YAML)
+        super().__init__(f"{where}{what}{message}")

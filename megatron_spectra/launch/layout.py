@@ -77,7 +77,7 @@ def check_layout(data: dict) -> None:
     if train["lr_decay_style"] == "WSD" and not 0 < train["wsd_decay_fraction"] <= 1:
         raise ConfigError("training.wsd_decay_fraction", f"must be in (0, 1], got {train['wsd_decay_fraction']}")
     spectra = data["optimizer"]["spectra"]
-    if (spectra.get("clip_schedule") == "wsd-sqrt" and train["lr_decay_style"] == "WSD"
+    if (str(spectra.get("clip_schedule")).startswith("wsd-") and train["lr_decay_style"] == "WSD"
             and spectra["decay_fraction"] != train["wsd_decay_fraction"]):
         raise ConfigError("optimizer.spectra.decay_fraction",
                           f"{spectra['decay_fraction']} differs from training.wsd_decay_fraction {train['wsd_decay_fraction']}: "

@@ -12,16 +12,19 @@ it, as an exception in one process stops the world.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from .command import program, trainer_args
 from .config import Config
 from .errors import ConfigError
-from .runner import prepare
+from .runner import Interrupted, prepare
 
 SAME_WORLD = ("parallel.gpus_per_node", "trainer.cpu")
 
@@ -46,20 +49,48 @@ def run_in_one_world(configs: list[Config], timeout: float = 7 * 24 * 3600.0) ->
     backend = "gloo" if configs[0]["trainer"]["cpu"] else "nccl"
     runs = [(program(c)[1], trainer_args(c), str(c.run_dir)) for c in configs]
     try:
-        run_distributed(_worker, configs[0]["parallel"]["gpus_per_node"], args=(runs, backend), timeout=timeout, backend=backend)
+        with _stopped_by_signals():
+            run_distributed(_worker, configs[0]["parallel"]["gpus_per_node"], args=(runs, backend), timeout=timeout, backend=backend)
     except DistributedFailure as failure:
         _record_failure(configs, str(failure))
+    except _Stopped as stop:  # the spawner has killed the processes on the way out
+        going = _record_failure(configs, f"stopped by {signal.Signals(stop.signum).name}", code=128 + stop.signum)
+        raise Interrupted(going.name if going else configs[-1].name, stop.signum, (going or configs[-1]).run_dir) from None
     return {c.name: _exit_code(c.run_dir) for c in configs}
 
 
-def _record_failure(configs: list[Config], text: str) -> None:
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGTERM / SIGINT become an exception here, so the spawner's clean-up stops the processes
+    (SIGTERM's default would end this process alone and leave them running)."""
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    here = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if here else {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _record_failure(configs: list[Config], text: str, code: int = 1) -> Config | None:
     """The run that was going when the world stopped failed; the ones after it never started."""
-    print(text, file=sys.stderr)
+    if code == 1:
+        print(text, file=sys.stderr)
     going = next((c for c in configs if not (c.run_dir / "exit_code").is_file()), None)
     if going is not None:
         with open(going.run_dir / "logs" / "train.log", "a", encoding="utf-8") as log:
             log.write(text + "\n")
-        (going.run_dir / "exit_code").write_text("1\n")
+        (going.run_dir / "exit_code").write_text(f"{code}\n")
+    return going
 
 
 def _exit_code(run_dir: Path) -> int | None:

@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -48,37 +51,101 @@ def forget_attempts(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _raise_on_sigterm() -> None:
-    """`timeout` and schedulers send SIGTERM: turn it into an exception so the child dies too."""
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped a local run: its processes were stopped and exit_code written.
+    A sweep stops here too (the runs after it never start)."""
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    def __init__(self, name: str, signum: int, run_dir: Path):
+        self.code = 128 + signum  # the shell's convention: 143 for SIGTERM, 130 for SIGINT
+        super().__init__(f"{name}: stopped by {signal.Signals(signum).name}; its processes were stopped, "
+                         f"exit code {self.code} written to {run_dir / 'exit_code'}")
 
-    signal.signal(signal.SIGTERM, handler)
+
+STOP_GRACE = 60.0  # seconds torchrun gets to stop its ranks (it gives them 30) before it is killed
 
 
 def run_local(config: Config, stream=None) -> int:
-    """torchrun on this machine; output goes to the terminal and to logs/train.log."""
-    _raise_on_sigterm()
+    """torchrun on this machine; output goes to the terminal and to logs/train.log.
+
+    SIGTERM (`timeout`, schedulers) or SIGINT (Ctrl-C) is passed on to torchrun, which stops
+    its ranks; the run's exit_code is then 128 + the signal and Interrupted is raised."""
     run_dir = prepare(config, "local")
     if config.data["output"]["checkpoints"]:
         config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "exit_code").unlink(missing_ok=True)
     stream = stream or sys.stdout
     with open(run_dir / "logs" / "train.log", "a", encoding="utf-8") as log:
-        proc = subprocess.Popen(to_command(config, "local"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()  # collection may read a run that is still going
-                stream.write(line)
-            rc = proc.wait()
-        except BaseException:  # interrupted or killed: take torchrun (and its ranks) down too
-            proc.terminate()
-            proc.wait(timeout=30)
-            raise
+        with _passed_on() as stopper:
+            proc = stopper.start(to_command(config, "local"))
+            pump = threading.Thread(target=_pump, args=(proc.stdout, log, stream), daemon=True)
+            pump.start()
+            rc = _wait(proc, stopper.received)
+        received = stopper.received
+        pump.join(timeout=10 if received else None)  # a rank that outlived a killed torchrun may hold the pipe
+        if received:
+            log.write(f"spectra launch: stopped by {signal.Signals(received[0]).name}\n")
+    if received:
+        (run_dir / "exit_code").write_text(f"{128 + received[0]}\n")
+        raise Interrupted(config.name, received[0], run_dir)
     (run_dir / "exit_code").write_text(f"{rc}\n")
     return rc
+
+
+def _pump(lines, log, stream) -> None:
+    """Child output to the log and the terminal; it must keep reading whatever happens to the
+    terminal (`| head` gone), or the child would block on a full pipe."""
+    for line in lines:
+        log.write(line)
+        log.flush()  # collection may read a run that is still going
+        if stream is not None:
+            try:
+                stream.write(line)
+                stream.flush()
+            except (OSError, ValueError):
+                stream = None
+
+
+class _Stopper:
+    """Passes SIGTERM / SIGINT on to the child (a second one kills it); records them."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.child: subprocess.Popen | None = None
+
+    def start(self, command: list[str]) -> subprocess.Popen:
+        self.child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        if self.received:  # a signal came while it was starting
+            self.child.send_signal(signal.SIGTERM)
+        return self.child
+
+    def __call__(self, signum, frame):
+        self.received.append(signum)
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM if len(self.received) == 1 else signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _passed_on():
+    stopper = _Stopper()
+    here = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {s: signal.signal(s, stopper) for s in (signal.SIGTERM, signal.SIGINT)} if here else {}
+    try:
+        yield stopper
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _wait(proc: subprocess.Popen, received: list[int]) -> int:
+    stopped_at = None
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if received and stopped_at is None:
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE:
+                proc.kill()
 
 
 def sbatch(script: Path) -> str:

@@ -15,6 +15,7 @@ rather than silently run differently.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,12 +43,28 @@ OPT_INT, OPT_FLOAT, OPT_STR = (int, type(None)), (float, int, type(None)), (str,
 STR_LIST, STR_DICT = (list,), (dict,)
 POSITIVE = at_least(1)
 
+def port(v) -> str | None:
+    return None if 1024 <= v <= 65535 - 999 else "must lie in [1024, 64536] (a job adds SLURM_JOB_ID % 1000)"
+
+
 ENTRIES = ("megatron-lm", "builtin")
 LAUNCHERS = ("local", "slurm")
 OPTIMIZERS = ("adam", "sgd", "spectra-adamw", "spectra-signum", "spectra-ademamix")
 
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
+
+
+def run_name(v) -> str | None:
+    """A folder name inside output.root: one safe path component, or <sweep>/<run> (a sweep's
+    runs); never `..`, an absolute path or a name the shell or a flag parser would misread."""
+    parts = v.split("/")
+    if len(parts) <= 2 and all(_COMPONENT.fullmatch(part) for part in parts):
+        return None
+    return "must be a plain folder name (letters, digits and . _ = + -, not starting with . or -): the run folder is output.root/name"
+
+
 TOP = {
-    "name": Key(STR, doc="run name; the run folder is output.root/name"),
+    "name": Key(STR, doc="run name; the run folder is output.root/name", check=run_name),
     "description": Key(OPT_STR, None),
     "entry": Key(STR, "megatron-lm", choices=ENTRIES),
     "launcher": Key(STR, "local", choices=LAUNCHERS),
@@ -142,15 +159,15 @@ SLURM = {
     "account": Key(OPT_STR, None),
     "qos": Key(OPT_STR, None),
     "time": Key(STR, "24:00:00"),
-    "cpus_per_task": Key(OPT_INT, None, doc="CPUs of the one task per node (it runs torchrun and all its ranks)"),
+    "cpus_per_task": Key(OPT_INT, None, doc="CPUs of the one task per node (it runs torchrun and all its ranks)", check=POSITIVE),
     "mem": Key(OPT_STR, None, doc="e.g. 0 for all of the node's memory"),
     "exclusive": Key(BOOL, True),
     "constraint": Key(OPT_STR, None),
     "directives": Key(STR_LIST, [], doc="extra '#SBATCH' lines, without the prefix"),
     "env": Key(STR_DICT, {}, doc="exported before srun: cluster-specific NCCL / network variables"),
     "setup": Key(STR_LIST, [], doc="shell lines run first (module load, source venv/bin/activate)"),
-    "master_port": Key(INT, 29500),
-    "array_parallelism": Key(OPT_INT, None, doc="sweeps: at most this many array tasks at once"),
+    "master_port": Key(INT, 29500, doc="rendezvous port; a job adds SLURM_JOB_ID % 1000 to it", check=port),
+    "array_parallelism": Key(OPT_INT, None, doc="sweeps: at most this many array tasks at once", check=POSITIVE),
 }
 
 MEGATRON = {

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import Config, read_yaml, resolve_bases, set_dotted, validate
 from .errors import ConfigError
+from .schema import run_name as bad_run_name
 
 SWEEP_KEYS = ("base", "name", "description", "set", "grid", "zip")
 
@@ -59,6 +60,9 @@ def expand_sweep(spec: dict, path: str | Path, overrides: dict | None = None, en
     for key in ("base", "name"):
         if not isinstance(spec.get(key), str):
             raise ConfigError(key, "required (a string)", str(path))
+    if "/" in spec["name"] or bad_run_name(spec["name"]):
+        raise ConfigError("name", f"must be a single plain folder name (letters, digits and . _ = + -, not starting "
+                                  f"with . or -): the sweep's folder is output.root/name, got {spec['name']!r}", str(path))
     base = path.parent / spec["base"]
     if not base.is_file():
         raise ConfigError("base", f"no such file {base.resolve()}", str(path))

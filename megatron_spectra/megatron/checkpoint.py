@@ -183,3 +183,32 @@ def _saved_state_keys(metadata: dict) -> set:
         elif name.startswith("optimizer.distributed.") and "bucket_idx_" in name:
             keys.add(parts[-1])
     return keys - {"param", "fp32_param", "step", "padding"}
+
+
+def checking_load(load, live_optimizers):
+    """`dist_checkpointing.load` that first asks `check_loadable` when the state dict it is
+    asked for holds the optimizer of a live Spectra optimizer (`live_optimizers()` returns
+    the optimizers built so far). Megatron-LM's load_checkpoint calls
+    `dist_checkpointing.load(sharded_state_dict, checkpoint_dir, ...)` for every dist format,
+    after building the optimizer's part of the state dict: a checkpoint it cannot take is
+    refused here with CheckpointMismatch, not by dist_checkpointing's list of missing keys."""
+
+    def checked(*args, **kwargs):
+        names = ("sharded_state_dict", "checkpoint_dir")
+        given = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
+        wanted, where = given.get("sharded_state_dict"), given.get("checkpoint_dir")
+        if isinstance(wanted, dict) and "optimizer" in wanted and where is not None:
+            base = _spectra_base(live_optimizers())
+            if base is not None:
+                check_loadable(str(where), base)
+        return load(*args, **kwargs)
+
+    return checked
+
+
+def _spectra_base(optimizers) -> str | None:
+    for optimizer in optimizers:
+        for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if hasattr(part, "spectra_config"):
+                return part.spectra_config.base
+    return None

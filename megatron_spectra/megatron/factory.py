@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import megatron.core.optimizer as mcore_optimizer
-from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer import OptimizerConfig, ParamKey, get_standard_config_overrides
 from megatron.core.optimizer.optimizer import ChainedOptimizer
 
 from .config import OPTIMIZERS, SpectraOptimizerConfig
@@ -21,18 +21,38 @@ from .optimizer import SPECTRA_CLASSES
 _megatron_get_optimizer = mcore_optimizer.get_megatron_optimizer
 
 
-def get_megatron_optimizer(config: OptimizerConfig, model_chunks, *args, **kwargs):
-    """Drop-in for megatron.core.optimizer.get_megatron_optimizer, Spectra names included."""
+def get_megatron_optimizer(config: OptimizerConfig, model_chunks, config_overrides=None, *args, **kwargs):
+    """Drop-in for megatron.core.optimizer.get_megatron_optimizer, Spectra names included.
+    For those, the param groups put weight decay where `spectra_decay_embeddings` says
+    (`weight_decay_overrides`)."""
     if config.optimizer not in OPTIMIZERS:
-        return _megatron_get_optimizer(config, model_chunks, *args, **kwargs)
+        return _megatron_get_optimizer(config, model_chunks, config_overrides, *args, **kwargs)
     if not isinstance(config, SpectraOptimizerConfig):
         raise TypeError(f"optimizer={config.optimizer!r} needs a SpectraOptimizerConfig, got {type(config).__name__}")
     as_adam = OptimizerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(OptimizerConfig) if f.init})
     as_adam.optimizer = "adam"
-    optimizer = _megatron_get_optimizer(as_adam, model_chunks, *args, **kwargs)
+    overrides = weight_decay_overrides(config, config_overrides)
+    optimizer = _megatron_get_optimizer(as_adam, model_chunks, overrides, *args, **kwargs)
     for child in optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]:
         to_spectra(child, config, model_chunks)
     return optimizer
+
+
+def weight_decay_overrides(config: SpectraOptimizerConfig, overrides: dict | None = None) -> dict:
+    """megatron-core's per-parameter config overrides with the paper's weight-decay placement.
+
+    `overrides`: the caller's (Megatron-LM passes its own); None means megatron-core's
+    standard ones (wd 0 on biases and 1-D params: norms). Unless `spectra_decay_embeddings`,
+    the word and position embeddings and the output layer get wd 0 too: the paper (the
+    official code's param groups) decays the weights of Linear layers only, where Megatron
+    decays every matrix. megatron-core marks the embedding and output weights with
+    `is_embedding_or_output_parameter` (on every pipeline stage that holds one)."""
+    overrides = dict(get_standard_config_overrides(config) if overrides is None else overrides)
+    if config.spectra_decay_embeddings:
+        return overrides
+    for key in (ParamKey(attr="is_embedding_or_output_parameter"), ParamKey(name="*position_embeddings.weight")):
+        overrides[key] = {**overrides.get(key, {}), "wd_mult": 0.0}  # merged with a decoupled lr on the same key
+    return overrides
 
 
 def to_spectra(optimizer, config: SpectraOptimizerConfig, model_chunks) -> None:

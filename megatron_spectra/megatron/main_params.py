@@ -18,7 +18,7 @@ from ..engine import NonFiniteInput, ShardedClipper
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import Base
 from ..optim.schedules import ThresholdSchedule
-from ..optim.step import STAGES, Clip, SpectraStep
+from ..optim.step import STAGES, Clip, SpectraStep, Thresholds, stage_numerics, threshold_of
 from .layouts import Entry
 
 
@@ -31,24 +31,27 @@ class EntryClipper:
     (zeros, result unused): the engine needs the same tensors on every process.
     """
 
-    def __init__(self, entries: list[Entry], group, numerics: ClipNumerics):
+    def __init__(self, entries: list[Entry], group, numerics: ClipNumerics, groups: list[int] | None = None):
         self.entries, self.group = entries, group
-        self.engines = {stage: ShardedClipper(group, numerics) for stage in STAGES}
+        self.groups = groups if groups is not None else [0] * len(entries)  # each entry's param-group index
+        self.engines = {stage: ShardedClipper(group, stage_numerics(numerics, stage)) for stage in STAGES}
 
     @property
     def stats(self):
         """What the last update clip cost this process (bytes, seconds)."""
         return self.engines["update"].stats
 
-    def clip(self, items: Sequence[Clip], c: float, stage: str = "update") -> list[torch.Tensor]:
-        chosen = [e for e in self.entries if (e.kind != "none" if stage == "update" else e.matrix)]
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update") -> list[torch.Tensor]:
+        chosen = [(e, g) for e, g in zip(self.entries, self.groups) if (e.kind != "none" if stage == "update" else e.matrix)]
+        thresholds = [threshold_of(c, g) if g >= 0 else 1.0 for _, g in chosen]
+        chosen = [e for e, _ in chosen]
         if not chosen:  # apply_to="none" (a global setting: every process skips alike)
             return []
         given = {item.param: item for item in items}
         device = next((e.main.device for e in self.entries if e.main is not None), torch.device("cpu"))
         pieces = [self._piece(e, given.get(e.main), device) for e in chosen]
         try:
-            outs = self.engines[stage].clip(pieces, [e.placement for e in chosen], c, [e.name for e in chosen])
+            outs = self.engines[stage].clip(pieces, [e.placement for e in chosen], thresholds, [e.name for e in chosen])
         except NonFiniteInput:  # on every process: hand the tensors on to the step's finiteness check
             return [item.tensor for item in items]
         clipped = {e.main: out for e, out in zip(chosen, outs) if e.main is not None}
@@ -92,6 +95,8 @@ class MainParamSpectra(SpectraStep, torch.optim.AdamW):
         nonfinite: str,
         specs: dict[torch.Tensor, Entry],
         clipper: EntryClipper,
+        base_lr: float | None = None,
+        threshold_base_lr: str = "global",
     ):
         defaults = dict(lr=1e-3, weight_decay=0.0, **hyper)
         # Megatron's fp32 main shards are views of the params, which add_param_group refuses;
@@ -105,6 +110,7 @@ class MainParamSpectra(SpectraStep, torch.optim.AdamW):
         self.base, self.hyper, self.specs = base, dict(hyper), specs
         self.schedule, self.pre_clip_schedule, self.numerics = schedule, pre_clip_schedule, numerics
         self.nonfinite, self.track_update_norms = nonfinite, False
+        self.base_lr, self.threshold_base_lr = base_lr, threshold_base_lr  # the official base_lr: --lr
         self.init_step(clipper)
 
     def spec_of(self, group: dict, param: torch.Tensor, name: str) -> Entry:

@@ -25,7 +25,8 @@ from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWit
 from . import checkpoint
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import get_base
-from ..optim.schedules import ThresholdSchedule
+from ..optim.schedules import ThresholdSchedule, pre_clip_schedule
+from ..settings import config_fields
 from ..optim.step import Clipped, NonFiniteError
 from .config import SpectraOptimizerConfig
 from .layouts import Entry, make_entry, param_names, row_parts
@@ -58,16 +59,18 @@ class _SpectraMethods:
         if self.is_stub_optimizer:
             return
         self.spectra_entries = self._entries()  # reads the main params of Megatron's own inner optimizer
-        numerics = ClipNumerics(config.spectra_mode, config.spectra_ns_steps, config.spectra_ns_fp32)
-        self.spectra_clipper = EntryClipper(self.spectra_entries, self._engine_group(), numerics)
-        pre_clip = ThresholdSchedule(config.spectra_pre_clip_threshold, "standard", config.spectra_warmup_steps)
+        named = {s.name: getattr(config, s.megatron) for s in config_fields()}  # the settings by their Spectra names
+        numerics = ClipNumerics(config.spectra_mode, config.spectra_ns_steps, config.spectra_ns_fp32, config.spectra_post_process)
+        group = self._engine_group()
+        self.spectra_clipper = EntryClipper(self.spectra_entries, group, numerics, self._entry_groups(group))
         self.optimizer = MainParamSpectra(
             self.optimizer.param_groups, get_base(config.base), config.base_hyperparameters(),
             schedule=ThresholdSchedule(
                 config.spectra_clip_threshold, config.spectra_clip_schedule, config.spectra_warmup_steps,
-                config.spectra_total_steps, config.spectra_decay_fraction,
+                config.spectra_total_steps, config.spectra_decay_fraction, config.spectra_clip_final_scale,
             ),
-            pre_clip_schedule=pre_clip if config.spectra_pre_clip else None,
+            pre_clip_schedule=pre_clip_schedule(named) if config.spectra_pre_clip else None,
+            base_lr=config.lr, threshold_base_lr=config.spectra_threshold_base_lr,
             numerics=numerics,
             nonfinite=config.spectra_nonfinite,
             specs={e.main: e for e in self.spectra_entries if e.main is not None},
@@ -83,6 +86,19 @@ class _SpectraMethods:
 
     def _engine_group(self):
         raise NotImplementedError
+
+    def _entry_groups(self, group) -> list[int]:
+        """The param-group index of every entry, on every process of the engine group, also
+        for entries without a piece here (a ZeRO shard elsewhere): per-group thresholds must
+        reach the engine alike everywhere. Megatron keeps every group, in one order, on every
+        rank; a MAX all-reduce fills in what this rank does not hold (-1: nobody does)."""
+        index = {p: i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        mine = [index.get(e.main, -1) if e.main is not None else -1 for e in self.spectra_entries]
+        device = next((e.main.device for e in self.spectra_entries if e.main is not None), torch.device("cpu"))
+        groups = torch.tensor(mine, dtype=torch.int64, device=device)
+        if dist.is_initialized() and groups.numel():
+            dist.all_reduce(groups, op=dist.ReduceOp.MAX, group=group)
+        return groups.tolist()
 
     def _entry(self, model_param, main, flat=None) -> Entry:
         c = self.spectra_config

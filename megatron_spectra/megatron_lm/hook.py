@@ -1,7 +1,8 @@
 """The Megatron-LM hook: `--optimizer spectra-*` for pretrain_gpt.py, without forking it.
 Importing this module installs it.
 
-`install()` patches five names of megatron.training, all resolved at call time:
+`install()` patches five names of megatron.training and one of megatron-core, all resolved
+at call time:
 - `arguments.add_megatron_arguments`: adds the spectra names to `--optimizer` and the
   `--spectra-*` flags;
 - `arguments.validate_args` (and the copy `initialize` imported in core_r0.16/0.17): runs
@@ -11,6 +12,11 @@ Importing this module installs it.
   (warmup and length of the threshold schedule from --lr-warmup-iters and --train-iters);
 - `training.get_megatron_optimizer`: routes spectra names to our factory;
 - `training.training_log`: adds the spectra scalars to TensorBoard / W&B.
+- `megatron.core.dist_checkpointing.load` (which Megatron-LM's load_checkpoint calls for
+  every dist format): refuses a checkpoint whose optimizer state the live Spectra
+  optimizer cannot take (a plain Adam one into spectra-signum) with the clear
+  `CheckpointMismatch` of megatron/checkpoint.py, before dist_checkpointing would fail
+  with its list of missing tensor keys.
 
 With `--spectra-cpu` on the command line (a machine without a GPU: tests, smoke runs) it
 also switches megatron-core to CPU (`cpu.enable_megatron_cpu`, which refuses where CUDA is
@@ -79,6 +85,11 @@ def install() -> None:
     _patch(training, "get_megatron_optimizer_config", config_from_args)
     _patch(training, "get_megatron_optimizer", optimizer_factory)
     _patch(training, "training_log", _log_spectra_scalars)
+    import megatron.core.dist_checkpointing as dist_checkpointing
+
+    from ..megatron.checkpoint import checking_load
+
+    _patch(dist_checkpointing, "load", lambda original: checking_load(original, lambda: _LIVE_OPTIMIZERS))
     if "--spectra-cpu" in sys.argv:
         _switch_to_cpu(training)
 

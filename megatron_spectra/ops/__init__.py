@@ -1,7 +1,7 @@
 """Pure math: the spectral clipping operators. Nothing here knows about processes."""
 
 from .hard_clip import soft_spectral_clip_svd, spectral_clip
-from .soft_clip import MODES, ClipNumerics, Reducer, clip_vector, clip_wide, soft_spectral_clip
+from .soft_clip import MODES, ClipNumerics, Reducer, clip_vector, clip_wide, normalize_singular_values, soft_spectral_clip
 
 __all__ = [
     "MODES",
@@ -9,6 +9,7 @@ __all__ = [
     "Reducer",
     "clip_vector",
     "clip_wide",
+    "normalize_singular_values",
     "soft_spectral_clip",
     "soft_spectral_clip_svd",
     "spectral_clip",

@@ -28,21 +28,32 @@ from .newton_schulz import inverse_sqrt_newton_schulz, inverse_sqrt_scaled_newto
 
 Mode = Literal["paper", "accurate"]
 MODES = ("paper", "accurate")
+POST_PROCESSES = ("clip", "normalize")
+MUON_QUINTIC = (3.4445, -4.7750, 2.0315)  # the official normalize_sigvals' coefficients (Muon's)
 
 
 @dataclass(frozen=True)
 class ClipNumerics:
-    """How SSC is computed. `ns_steps` and `fp32` are the official knobs (paper mode only)."""
+    """How SSC is computed. `ns_steps` and `fp32` are the official knobs (paper mode only).
+
+    post="normalize" swaps SSC for the official `normalize_sigvals` (paper mode only): every
+    singular value set to ~1 by Muon's quintic Newton-Schulz, a vector to u/(|u| + 1e-7);
+    thresholds are then ignored. Every function here that takes a numerics follows it."""
 
     mode: Mode = "paper"
     ns_steps: int = 10
     fp32: bool = False
+    post: str = "clip"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown SSC mode {self.mode!r}; expected one of {MODES}")
         if not isinstance(self.ns_steps, int) or self.ns_steps < 1:
             raise ValueError(f"ns_steps must be a positive int, got {self.ns_steps!r}")
+        if self.post not in POST_PROCESSES:
+            raise ValueError(f"unknown post_process {self.post!r}; expected one of {POST_PROCESSES}")
+        if self.post == "normalize" and self.mode != "paper":
+            raise ValueError("post_process='normalize' is the official function: paper mode only")
 
 
 class Reducer:
@@ -89,13 +100,32 @@ def soft_spectral_clip(
     return out.mT if tall else out
 
 
+def normalize_singular_values(x: torch.Tensor, *, ns_steps: int = 10, fp32: bool = False) -> torch.Tensor:
+    """The official `normalize_sigvals` (Muon's quintic Newton-Schulz: every singular value to
+    ~1) of a vector, a matrix or a batch (b, m, n), bit for bit; returned in x's dtype."""
+    numerics = ClipNumerics("paper", ns_steps, fp32, "normalize")
+    if x.ndim == 1:
+        return clip_vector(x, 1.0, numerics)
+    if x.ndim not in (2, 3):
+        raise ValueError(f"normalize_singular_values takes a vector, a matrix or a batch (b, m, n); got shape {tuple(x.shape)}")
+    tall = x.size(-2) > x.size(-1)
+    (out,) = clip_wide([x.mT if tall else x], [1.0], numerics)
+    return out.mT if tall else out
+
+
 def clip_vector(u: torch.Tensor, c: float, numerics: ClipNumerics, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """The vector rule; `norm` is |u| when u is spread over processes (pass the global norm)."""
-    norm = torch.linalg.vector_norm(u.float()) if norm is None else norm
+    """The vector rule; `norm` is |u| when u is spread over processes (pass the global norm).
+
+    Paper mode is the official expression in u's dtype (`G.norm()`, and the threshold compared
+    and divided in that dtype too): bit for bit in bf16, fp32 and fp64. Accurate mode: fp32."""
     if numerics.mode == "paper":
+        norm = u.norm() if norm is None else norm.to(u.dtype)
+        if numerics.post == "normalize":
+            return u / (norm + 1e-7)
         if norm <= c:
             return u
         return u / torch.sqrt(1 + (norm / c) ** 2)
+    norm = torch.linalg.vector_norm(u.float()) if norm is None else norm.float()
     # h_c(s)/s = 1/sqrt(1 + s²/c²) written as c/hypot(c, s) so that a huge s cannot overflow.
     scale = c / torch.hypot(torch.as_tensor(c, dtype=norm.dtype, device=norm.device), norm)
     return (u.float() * scale).to(u.dtype)
@@ -116,6 +146,8 @@ def clip_wide(
     a batched input (paper mode); otherwise every matrix gets its own, as when the official
     optimizer clips parameters one by one. Results come back in each input's dtype.
     """
+    if numerics.post == "normalize":
+        return _normalize(xs, numerics, reduce)
     cs = [_per_matrix([check_threshold(v) for v in _listify(c)], x) for c, x in zip(cs, xs)]
     if numerics.mode == "paper":
         return _paper(xs, cs, numerics, reduce, shared_bound)
@@ -159,6 +191,31 @@ def _paper(xs, cs, numerics: ClipNumerics, reduce: Reducer, shared_bound: bool) 
         z = inverse_sqrt_newton_schulz(a_mat / a, numerics.ns_steps)
         outs.append(((z / torch.sqrt(a)) @ x).to(x_in.dtype))
     return outs
+
+
+def _normalize(xs, numerics: ClipNumerics, reduce: Reducer) -> list[torch.Tensor]:
+    """The official `normalize_sigvals` of wide matrices, op for op: X/(|X|_F + 1e-7), then
+    `ns_steps` quintic steps X <- aX + (bA + cA²)X, A = XXᵀ, in bf16 (fp32 on request). A
+    column block of X needs the sums over its holders of |X|_F² and of every step's A."""
+    dtype = torch.float32 if numerics.fp32 else torch.bfloat16
+    a, b, c = MUON_QUINTIC
+    xs_c = [x.to(dtype) for x in xs]
+    alone = type(reduce) is Reducer  # nothing to sum: the official ops exactly
+    if alone:
+        norms = [x.norm(dim=(-2, -1), keepdim=True) for x in xs_c]
+    else:
+        norms = [x.float().square().sum(dim=(-2, -1), keepdim=True) for x in xs_c]
+        reduce.sum_(norms)
+        norms = [n.sqrt().to(dtype) for n in norms]
+    xs_c = [x / (n + 1e-7) for x, n in zip(xs_c, norms)]
+    for _ in range(numerics.ns_steps):
+        grams = [x @ x.mT for x in xs_c]
+        if not alone:
+            grams = [g.float() for g in grams]
+            reduce.sum_(grams)
+            grams = [g.to(dtype) for g in grams]
+        xs_c = [a * x + (b * g + c * g @ g) @ x for x, g in zip(xs_c, grams)]
+    return [x.to(x_in.dtype) for x, x_in in zip(xs_c, xs)]
 
 
 # -------------------------------------------------------------------------- accurate mode

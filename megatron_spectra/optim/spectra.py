@@ -17,8 +17,8 @@ import torch
 
 from ..ops.soft_clip import ClipNumerics
 from ..settings import SETTINGS, hyperparameters, resolve, spectra_settings
-from .directions import get_base
-from .schedules import ThresholdSchedule
+from .directions import BASES, BUILT_IN, get_base
+from .schedules import ThresholdSchedule, pre_clip_schedule
 from .step import LocalClipper, SpectraStep
 
 CLIP_KINDS = ("matrix", "vector", "none")
@@ -27,6 +27,10 @@ DEFAULT = {s.name: s.default for s in spectra_settings()}
 
 class Spectra(SpectraStep, torch.optim.Optimizer):
     """SPECTRA around AdamW, Signum or AdEMAMix (decoupled weight decay), in one process or DDP.
+
+    `base` is a built-in name, the name of a registered base (`optim.directions.register_base`;
+    "sgd-momentum" and "lion" ship as examples) or a `Base` object; a base that is not built in
+    takes its own hyperparameters (its `defaults`' keys) instead of the built-in ones.
 
     The keywords (base, lr, weight_decay, the base's hyperparameters, the threshold and its
     schedule, apply_to, mode, pre_clip, nonfinite, track_update_norms) with their types,
@@ -52,19 +56,20 @@ class Spectra(SpectraStep, torch.optim.Optimizer):
     def __init__(self, params: Iterable, base: str = DEFAULT["base"], lr: float = DEFAULT["lr"],
                  weight_decay: float = DEFAULT["weight_decay"], **settings):
         # The keywords, their defaults and checks: megatron_spectra.settings (help(Spectra) lists them).
-        self.settings = resolve(dict(base=base, lr=lr, weight_decay=weight_decay, **settings))
+        self.base = get_base(base)
+        own = None if BASES.get(self.base.name) is self.base and self.base.name in BUILT_IN else self.base.defaults
+        self.settings = resolve(dict(base=self.base.name, lr=lr, weight_decay=weight_decay, **settings), own)
         s = self.settings
-        self.base = get_base(s["base"])
-        self.schedule = ThresholdSchedule(s["clip_threshold"], s["clip_schedule"], s["warmup_steps"], s["total_steps"], s["decay_fraction"])
-        self.pre_clip_schedule = (
-            ThresholdSchedule(s["pre_clip_threshold"], "standard", s["warmup_steps"]) if s["pre_clip"] else None
-        )
-        self.numerics = ClipNumerics(s["mode"], s["ns_steps"], s["ns_fp32"])
+        self.schedule = ThresholdSchedule(s["clip_threshold"], s["clip_schedule"], s["warmup_steps"], s["total_steps"],
+                                          s["decay_fraction"], s["clip_final_scale"])
+        self.pre_clip_schedule = pre_clip_schedule(s) if s["pre_clip"] else None
+        self.base_lr, self.threshold_base_lr = s["lr"], s["threshold_base_lr"]  # the official base_lr=--lr
+        self.numerics = ClipNumerics(s["mode"], s["ns_steps"], s["ns_fp32"], s["post_process"])
         self.apply_to, self.nonfinite, self.track_update_norms = s["apply_to"], s["nonfinite"], s["track_update_norms"]
-        hyper = {k: s[k] for k in hyperparameters(s["base"])}
+        hyper = {k: s[k] for k in (hyperparameters(s["base"]) if own is None else own)}
         super().__init__(params, dict(lr=s["lr"], weight_decay=s["weight_decay"], clip=None, **hyper))
         for i, group in enumerate(self.param_groups):
-            for key in ("lr", "weight_decay", *hyper):  # a group may set its own
+            for key in ("lr", "weight_decay", *(hyper if own is None else ())):  # a group may set its own
                 SETTINGS[key].validate(group[key], f"param group {i}'s {key}")
             _check_choice("a param group's clip", group["clip"], CLIP_KINDS + (None,))
             group.setdefault("peak_lr", group["lr"])

@@ -11,14 +11,18 @@ clipped, its alpha) comes from `spec_of`, which an adapter answers from its own 
 
 As in the official code (Algorithm 3 of the paper), a param group with lr = 0 (a frozen
 group, or the first warm-up step) still advances its base moments and step count; only its
-clip and update are skipped. One c_k serves every param of a step (the official code's),
-from the schedule at the step count, lr and peak lr of the first group with lr > 0.
+clip and update are skipped. Each param group gets its own c_k from the schedule at its step
+count and lr; the warm-up rule's lr_max is the optimizer's global lr for every group, as the
+official code passes --lr (threshold_base_lr="global"), or the group's own peak lr ("group").
+The two agree unless groups have their own lr (µP, Megatron's decoupled lr). The pre-clip
+threshold is the official one: one c for every matrix gradient, from the first group's lr
+("global"), or per group ("group").
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
@@ -52,6 +56,24 @@ class Clip(NamedTuple):
     spec: ParamSpec
     tensor: torch.Tensor
     kind: str  # "matrix" | "vector"
+    group: int = 0  # the index of its param group: its threshold when thresholds differ per group
+
+
+Thresholds = float | Sequence[float | None]  # one c for all, or one per param group (None: lr 0)
+
+
+def threshold_of(c, group: int) -> float:
+    """The threshold of a tensor of param group `group`: `c` is one for all or one per group.
+    A group that does not move (None) gets 1.0: its tensors' results are not used, but every
+    process must pass the engine the same number."""
+    if isinstance(c, (int, float)):
+        return c
+    return 1.0 if c[group] is None else c[group]
+
+
+def stage_numerics(numerics: ClipNumerics, stage: str) -> ClipNumerics:
+    """Pre-clipping is SSC whatever post_process the update uses (the official order)."""
+    return replace(numerics, post="clip") if stage == "gradient" else numerics
 
 
 class Clipped(NamedTuple):
@@ -66,9 +88,10 @@ class Clipped(NamedTuple):
 class Clipper(Protocol):
     """The distributed seam. Every process of a step calls both methods alike, in order."""
 
-    def clip(self, items: Sequence[Clip], c: float, stage: str) -> list[torch.Tensor]:
-        """H_c of every item's full tensor, as this process's piece laid out like the item.
-        `stage` ("update" | "gradient") lets a clipper keep a plan per kind of call."""
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str) -> list[torch.Tensor]:
+        """H_c of every item's full tensor, as this process's piece laid out like the item;
+        an item's c is `threshold_of(c, item.group)`. `stage` ("update" | "gradient") lets a
+        clipper keep a plan per kind of call (and pre-clips with `stage_numerics`)."""
 
     def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
         """None if every process's tensors are finite; else which of this process's are not
@@ -81,8 +104,9 @@ class LocalClipper:
     def __init__(self, numerics: ClipNumerics):
         self.numerics = numerics
 
-    def clip(self, items: Sequence[Clip], c: float, stage: str = "update") -> list[torch.Tensor]:
-        return [clip_update(item.tensor, c, item.kind, self.numerics) for item in items]
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update") -> list[torch.Tensor]:
+        numerics = stage_numerics(self.numerics, stage)
+        return [clip_update(item.tensor, threshold_of(c, item.group), item.kind, numerics) for item in items]
 
     def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
         if not tensors:
@@ -128,7 +152,7 @@ def clip_update(u: torch.Tensor, c: float, kind: str, numerics: ClipNumerics) ->
     """H_c(u) of a whole tensor: SSC of a matrix, the vector rule, or u itself for "none"."""
     if kind == "none":
         return u
-    if c <= 0:  # the end of a wsd-sqrt schedule: H_c -> 0 as c -> 0
+    if c <= 0:  # the end of a wsd-* schedule at final scale 0: H_c -> 0 as c -> 0
         return torch.zeros_like(u)
     if kind == "vector":
         return clip_vector(u.reshape(-1), c, numerics).view_as(u)
@@ -143,10 +167,17 @@ def clip_matrix(u: torch.Tensor, c: float, numerics: ClipNumerics) -> torch.Tens
     return (out.mT if tall else out).reshape(u.shape)
 
 
+def _one_or_per_group(cs: list[float | None]):
+    """One float when every moving group has the same c (the common case), else the list."""
+    moving = {c for c in cs if c is not None}
+    return moving.pop() if len(moving) == 1 else cs
+
+
 class SpectraStep:
     """The step of a torch optimizer that is SPECTRA. The optimizer sets `base`, `schedule`,
-    `pre_clip_schedule`, `numerics`, `nonfinite` ("raise" | "skip") and `track_update_norms`,
-    then calls `init_step(clipper)`.
+    `pre_clip_schedule`, `numerics`, `nonfinite` ("raise" | "skip"), `track_update_norms`,
+    `base_lr` (the global lr) and `threshold_base_lr` ("global" | "group"), then calls
+    `init_step(clipper)`.
 
     Counters live in every param group, where torch, DCP and Megatron checkpoints keep them:
     `spectra_step` (steps taken) and `spectra_skipped_steps`; each param's `state["step"]`
@@ -161,6 +192,8 @@ class SpectraStep:
     numerics: ClipNumerics
     nonfinite: str
     track_update_norms: bool = False
+    base_lr: float | None = None
+    threshold_base_lr: str = "global"
 
     def init_step(self, clipper: Clipper) -> None:
         self.clipper = clipper
@@ -190,6 +223,12 @@ class SpectraStep:
 
     def peak_lr(self, group: dict) -> float:
         return group["peak_lr"]
+
+    def warmup_lr(self, group: dict) -> float:
+        """lr_max of the warm-up rule c·lr_max/lr for this group (see the module doc)."""
+        if self.threshold_base_lr == "global" and self.base_lr is not None:
+            return self.base_lr
+        return self.peak_lr(group)  # "group", or no global lr known (a Megatron config without lr)
 
     def spectral_norm(self, param: torch.Tensor, tensor: torch.Tensor) -> float:
         """||tensor||_2 of a param-shaped tensor, for `track_update_norms` (an SVD)."""
@@ -232,19 +271,21 @@ class SpectraStep:
 
     def _direction(self, group: dict, p: torch.Tensor) -> torch.Tensor:
         """U_k; advances the param's moments and its step count."""
-        state = self.state[p]
-        state["step"] += 1
-        hyper = {k: group[k] for k in self.base.defaults}
-        return self.base.direction(p.grad, state, int(state["step"]), **hyper)
+        return self.base.update(p, self.state[p], group)
 
     def _clip_updates(self, moved) -> list[torch.Tensor]:
         """H_c(U) of every moved param (U itself where its kind is "none"), in one clipper call."""
-        c = self.threshold(self.schedule)
-        if c is None:  # every group has lr 0: nothing moves, on every process alike
+        cs = self.thresholds(self.schedule)
+        if all(c is None for c in cs):  # every group has lr 0: nothing moves, on every process alike
             return []
-        self.last_threshold = c
+        if self.numerics.post == "normalize":
+            c = 1.0  # normalize has no threshold (and a wsd-* end at 0 must not zero it)
+        else:
+            self.last_threshold = next(c for c in cs if c is not None)
+            c = _one_or_per_group(cs)
+        index = {id(g): i for i, g in enumerate(self.param_groups)}
         chosen = [i for i, (*_, spec, _) in enumerate(moved) if spec.kind != "none"]
-        items = [Clip(moved[i][1], moved[i][2], moved[i][3], moved[i][2].kind) for i in chosen]
+        items = [Clip(moved[i][1], moved[i][2], moved[i][3], moved[i][2].kind, index[id(moved[i][0])]) for i in chosen]
         outs = self.clipper.clip(items, c, "update")
         clipped = [Clipped(item.param, item.spec, item.tensor, out) for item, out in zip(items, outs)]
         self._observe(clipped)
@@ -262,12 +303,17 @@ class SpectraStep:
         for observer in list(self._observers.values()):
             observer(clipped)
 
-    def threshold(self, schedule: ThresholdSchedule) -> float | None:
-        """c_k of this step: the schedule at the first moving group (None if none moves)."""
-        group = next((g for g in self.param_groups if g["lr"] != 0), None)
-        if group is None:
-            return None
-        return schedule(group["spectra_step"], group["lr"], self.peak_lr(group))
+    def thresholds(self, schedule: ThresholdSchedule) -> list[float | None]:
+        """c_k of every param group this step (None where its lr is 0: it does not move)."""
+        return [None if g["lr"] == 0 else schedule(g["spectra_step"], g["lr"], self.warmup_lr(g)) for g in self.param_groups]
+
+    def pre_clip_thresholds(self):
+        """The official pre-clip c: one for all, the schedule at the first group's lr (at lr 0
+        a huge c, as the official lr floor 1e-10 makes it: a near-identity clip); per group
+        with threshold_base_lr="group"."""
+        schedule = self.pre_clip_schedule
+        cs = [schedule(g["spectra_step"], g["lr"], self.warmup_lr(g)) for g in self.param_groups]
+        return cs[0] if self.threshold_base_lr == "global" else _one_or_per_group(cs)
 
     # ------------------------------------------------------------------ pre-clipping
 
@@ -277,12 +323,13 @@ class SpectraStep:
         after the data-parallel reduction, before global-norm clipping)."""
         if self.pre_clip_schedule is None:
             raise RuntimeError(f"pre-clipping is off; construct {type(self).__name__}(..., pre_clip=True)")
-        c = self.threshold(self.pre_clip_schedule)
-        if c is not None:
+        if self.param_groups:
+            c = self.pre_clip_thresholds()
+            index = {id(g): i for i, g in enumerate(self.param_groups)}
             items = [
-                Clip(p, spec, p.grad, "matrix")
+                Clip(p, spec, p.grad, "matrix", index[id(group)])
                 for group, p, spec in self._specs()
-                if p.grad is not None and spec.matrix and group["lr"] != 0
+                if p.grad is not None and spec.matrix  # lr 0 too: its moments still advance (official)
             ]
             for item, out in zip(items, self.clipper.clip(items, c, "gradient")):
                 item.tensor.copy_(out.view_as(item.tensor))

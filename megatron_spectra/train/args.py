@@ -80,6 +80,9 @@ def _training_args(parser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop with an error naming the iteration at a non-finite loss or gradient, before the "
+                        "optimizer step (Megatron-LM's default; spectra-* check gradients per --spectra-nonfinite)")
     g.add_argument("--bf16", action="store_true")
 
 
@@ -88,6 +91,9 @@ def _parallel_args(parser) -> None:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="how long a collective waits for a stalled rank before every rank fails (Megatron-LM's "
+                        "flag and default; torch's own is 30 minutes)")
 
 
 def _data_args(parser) -> None:
@@ -112,6 +118,11 @@ def _logging_args(parser) -> None:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--ckpt-step", type=int, default=None, help="with --load: this iteration's checkpoint, not the latest")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="with --load: the weights and the iteration only; a fresh optimizer (e.g. another one)")
+    g.add_argument("--no-load-rng", action="store_true", help="with --load: do not restore the RNG states")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: the weights only; iteration 0, fresh optimizer, scheduler and RNG")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save the distributed optimizer gathered into model space (loadable at another TP/PP/DP "
                         "layout); default: dp_reshardable, which reshards over DP only")
@@ -159,8 +170,15 @@ def derive(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError("--num-query-groups needs --group-query-attention (as in Megatron-LM)")
     if not args.group_query_attention:
         args.num_query_groups = args.num_attention_heads
+    if args.train_iters < 1:
+        raise ValueError(f"--train-iters must be at least 1, got {args.train_iters}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters < 0 or args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be at least 0 and below --lr-decay-iters "
+                         f"({args.lr_decay_iters}; default --train-iters), as megatron-core's scheduler requires")
+    if not args.distributed_timeout_minutes > 0:
+        raise ValueError(f"--distributed-timeout-minutes must be positive, got {args.distributed_timeout_minutes}")
     if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
         raise ValueError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:

@@ -92,8 +92,11 @@ def build_datasets(args, tokenizer, data_path: list[str]):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
 
+    blend = get_blend_from_list(data_path)
+    for prefix in blend[0]:
+        check_indexed_dataset(prefix)
     config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=get_blend_from_list(data_path),
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
         split=args.split, path_to_cache=args.data_cache_path or os.path.join(args.trainer_out, "data", "cache"),
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False,  # the causal mask is implied by the attention's mask type
@@ -104,6 +107,26 @@ def build_datasets(args, tokenizer, data_path: list[str]):
     config.split_matrix[2] = None
     # Every rank builds (rank 0 first, megatron synchronises): TP ranks need the same batches.
     return BlendedMegatronDatasetBuilder(GPTDataset, split_sample_counts(args), lambda: True, config).build()
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """A .bin/.idx pair that megatron can read: both files there, and the .bin as long as its
+    index says (a truncated .bin otherwise fails deep in numpy, naming no file)."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    for ext in (".idx", ".bin"):
+        if not os.path.isfile(prefix + ext):
+            raise ValueError(f"--data-path {prefix}: {prefix + ext} does not exist")
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+    except (AssertionError, ValueError) as error:
+        raise ValueError(f"--data-path {prefix}: {prefix}.idx is not a readable megatron index ({error})") from error
+    if index.sequence_count:
+        needed = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+        size = os.path.getsize(prefix + ".bin")
+        if size < needed:
+            raise ValueError(f"--data-path {prefix}: {prefix}.bin has {size} bytes, its index describes {needed}: "
+                             f"the file is truncated (or does not belong to this .idx)")
 
 
 def micro_batches(dataset, iteration: int, args, dp_rank: int) -> list[dict]:

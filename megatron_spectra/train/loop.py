@@ -15,7 +15,7 @@ import numpy
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, integrity
 from ..megatron.arguments import spectra_config_from_args
 from ..megatron.scalars import spectra_scalars
 from .args import padded_vocab_size
@@ -51,14 +51,22 @@ class Trainer:
         self.model = wrap_ddp(module.to(device), args)
         self.optimizer = build_optimizer(args, self.model)
         self.scheduler = build_scheduler(args, self.optimizer)
-        self.iteration = 0
+        self.iteration, self.eval_round = 0, 0
         if args.load:
-            self.iteration = checkpoint.load(args.load, self.model, self.optimizer, self.scheduler, args.ckpt_step)
+            resumed = checkpoint.load(args.load, self.model, self.optimizer, self.scheduler, args.ckpt_step,
+                                      load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
+                                      finetune=args.finetune)
+            self.iteration, self.eval_round = resumed["iteration"], resumed["eval_round"]
+        # Megatron-LM's --check-for-nan-in-loss-and-grad. A Spectra optimizer checks the
+        # gradients itself (--spectra-nonfinite: raise naming the parameter, or skip the step);
+        # with skip, a non-finite loss is skipped as well, as asked.
+        spectra = args.optimizer.startswith("spectra-")
+        self.check_loss = args.check_for_nan_in_loss_and_grad and not (spectra and args.spectra_nonfinite == "skip")
+        self.check_grads = args.check_for_nan_in_loss_and_grad and not spectra
         self.on_step = on_step
         self.norms = UpdateNorms([self.model], self.optimizer, args.weight_decay) if args.trainer_update_norms else None
         self.metrics = MetricsFile(os.path.join(args.trainer_out, "metrics.jsonl") if self.rank0 else None)
         self.tensorboard = _tensorboard(args.tensorboard_dir) if self.rank0 else None
-        self.eval_round = 0
 
     # ------------------------------------------------------------------ one iteration
 
@@ -80,6 +88,11 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         reduced = self._forward_backward(self._batches(self.train_ds, self.iteration), forward_only=False)
+        loss = global_loss(reduced)
+        if self.check_loss:  # before the step: the weights stay as they were
+            integrity.check_loss(loss, self.iteration + 1)
+        if self.check_grads:
+            integrity.check_gradients(self.model, self.iteration + 1)
         lr = self.optimizer.param_groups[0]["lr"]
         if measure:
             self.norms.arm()
@@ -95,7 +108,7 @@ class Trainer:
                 record["update_norm_before"], record["update_norm_after"] = norms
         if ok:
             self.scheduler.step(increment=1)
-        record["lm_loss"] = global_loss(reduced)
+        record["lm_loss"] = loss
         record.update(spectra_scalars(self.optimizer))
         self.iteration += 1
         record["iteration_ms"] = 1000 * (time.perf_counter() - start)
@@ -143,7 +156,7 @@ class Trainer:
                 val_loss = self._validate()
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
                 checkpoint.save(args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                                args.dist_ckpt_optim_fully_reshardable)
+                                args.dist_ckpt_optim_fully_reshardable, eval_round=self.eval_round)
             if self.on_step is not None:
                 self.on_step(self, record)
         if args.eval_iters > 0 and (val_loss is None or self.iteration % args.eval_interval):

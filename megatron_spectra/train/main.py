@@ -5,6 +5,7 @@ there is no GPU, parallel_state and Megatron-LM's seeding."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -26,7 +27,7 @@ def train(argv: list[str] | None = None, **hooks) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     args = parse_args(argv, world)
     cpu = args.cpu or not torch.cuda.is_available()
-    with _process_group(cpu), _megatron_device(cpu, force=args.cpu):
+    with _process_group(cpu, args.distributed_timeout_minutes), _megatron_device(cpu, force=args.cpu):
         return run(args, **hooks)
 
 
@@ -53,9 +54,11 @@ def run(args, **hooks) -> dict:
 
 
 @contextlib.contextmanager
-def _process_group(cpu: bool):
+def _process_group(cpu: bool, timeout_minutes: float = 10):
     """The default process group: the caller's if there is one, else from torchrun's
-    environment (or a single process), torn down again at the end."""
+    environment (or a single process), torn down again at the end. A collective that waits
+    longer than `timeout_minutes` for a stalled rank fails on every rank that waits
+    (Megatron-LM's --distributed-timeout-minutes); a caller's own group keeps its timeout."""
     if dist.is_initialized():
         yield
         return
@@ -67,7 +70,8 @@ def _process_group(cpu: bool):
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if not cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+    dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
         yield
     finally:

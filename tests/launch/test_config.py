@@ -143,10 +143,10 @@ def test_paper_config_arguments(path):
 
 def _check_optimizer(model, opt, args):
     name = flag(args, "--optimizer")
-    assert name == {"adamw": "adam"}.get(opt, "spectra-" + opt.removeprefix("spectra-"))
-    if opt == "adamw":
-        assert not any(a.startswith("--spectra-") for a in args)
-        return
+    assert name == "spectra-" + opt.removeprefix("spectra-")  # the AdamW baseline too: the paper's wd placement
+    assert "--spectra-decay-embeddings" not in args  # wd on Linear weights only, as the paper
+    if "signum" in opt:
+        assert flag(args, "--spectra-signum-init") == "weight"  # the official Signum's buffer start
     if opt.startswith("spectra-"):
         assert flag(args, "--spectra-clip-threshold") == "10.0"
         assert flag(args, "--spectra-clip-schedule") == ("wsd-sqrt" if model == "780m-deep" else "standard")

@@ -1,6 +1,5 @@
 """Sweep expansion, sbatch scripts, collection of fabricated run folders, a tiny local launch."""
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import yaml
 
 from megatron_spectra.launch import load_config
 from megatron_spectra.launch.collect import collect, to_markdown, write_outputs
-from megatron_spectra.launch.config import ConfigError
+from megatron_spectra.launch.config import ConfigError, resolve_bases, set_dotted, validate
 from megatron_spectra.launch.runner import COMPLETED, FAILED, NOT_STARTED, UNFINISHED, pending_runs, prepare, run_state
 from megatron_spectra.launch.slurm import render_array, render_sbatch
 from megatron_spectra.launch.sweep import expand, load_sweep
@@ -127,12 +126,15 @@ def test_collect_and_resubmit(tmp_path):
 @pytest.mark.timeout(300)
 def test_tiny_local_launch(tmp_path):
     pytest.importorskip("megatron_spectra.train.args", reason="the builtin trainer is not there")
-    if not shutil.which("torchrun"):
-        pytest.skip("torchrun not on PATH")
+    import os
+
+    # Without the interpreter's folder (a venv's bin/) on PATH: no `torchrun` to find, and none is needed.
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != bin_dir)
     out = subprocess.run([sys.executable, "-m", "megatron_spectra.cli.main", "launch", str(ROOT / "configs/tiny-cpu.yaml"),
                           "--set", "training.train_iters=4", "--set", "training.save_interval=4"],
                          capture_output=True, text=True, timeout=280, cwd=ROOT,
-                         env={**__import__("os").environ, "SPECTRA_RUNS": str(tmp_path)})
+                         env={**os.environ, "SPECTRA_RUNS": str(tmp_path), "PATH": path})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "tiny-cpu"
     assert (run / "exit_code").read_text().strip() == "0"
@@ -152,8 +154,10 @@ def _builtin_run(root: Path, name: str, optimizer: str, losses: list, norms: dic
     """A run folder as the builtin trainer leaves it: config.yaml, metrics.jsonl, exit_code."""
     import json
 
-    config = load_config(ROOT / "configs/demo.yaml", env={"SPECTRA_RUNS": str(root)},
-                         overrides={"name": name, "optimizer.name": optimizer, "training.train_iters": len(losses)})
+    data = resolve_bases(ROOT / "configs/demo.yaml")
+    for key, value in {"name": name, "optimizer.name": optimizer, "training.train_iters": len(losses)}.items():
+        data = set_dotted(data, key, value)
+    config = validate(data, env={"SPECTRA_RUNS": str(root)})  # named <sweep>/<run>, as a sweep's runs are
     prepare(config, "local")
     records = []
     for it, loss in enumerate(losses, 1):

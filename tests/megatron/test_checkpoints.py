@@ -131,6 +131,10 @@ def _resume(rank, world, root, workdir):
         _run(workdir, "signum-from-adam", "signum", WRITE_TP, SAVE_AT + 1, ["--load", os.path.join(root, "adam")])
     except CheckpointMismatch as e:
         out["trainer_refused"] = str(e)
+    try:  # and megatron-core's own Adam too, of a Spectra checkpoint without Adam's moments
+        _run(workdir, "adam-from-signum", "adam", WRITE_TP, SAVE_AT + 1, ["--load", os.path.join(root, "signum"), *at_save])
+    except CheckpointMismatch as e:
+        out["adam_refused"] = str(e)
     return out
 
 
@@ -202,3 +206,6 @@ def test_other_bases_refuse_an_adam_checkpoint_clearly(runs):
     assert "momentum_buffer" in refused[("signum", "adamw")]
     for r in runs[1]:
         assert r["trainer_refused"] == refused[("signum", "adam")]
+        message = r["adam_refused"]
+        assert "momentum_buffer" in message and "--optimizer adam needs ['exp_avg', 'exp_avg_sq']" in message
+        assert "--no-load-optim" in message

@@ -20,7 +20,7 @@ STEPS, GLOBAL_BATCH, MICRO_BATCH, LR, C = 10, 8, 2, 1e-3, 0.5
 BASES = ("adamw", "signum", "ademamix")
 LAYOUTS = [(1, 1, 1, True), (2, 1, 2, True), (1, 1, 4, True), (2, 2, 1, True), (2, 1, 2, False), (2, 2, 1, False)]
 
-# Eleven short trainings in two launches; on 2 busy cores they outlast the default timeout.
+# Thirteen short trainings in two launches; on 2 busy cores they outlast the default timeout.
 pytestmark = pytest.mark.timeout(1500)
 
 
@@ -28,6 +28,14 @@ def _flags(base, distributed, clip_grad=1.0, nonfinite="skip"):
     flags = (f"--optimizer spectra-{base} --lr {LR} --weight-decay 0.1 --clip-grad {clip_grad} --spectra-mode accurate "
              f"--spectra-clip-threshold {C} --spectra-clip-schedule constant --spectra-nonfinite {nonfinite}").split()
     return flags + (["--use-distributed-optimizer"] if distributed else [])
+
+
+# The official options through TP2 x ZeRO-2: a cosine decay to 0.2·c over the last half, and
+# pre-clipping (issue 11); against the reference with the same settings.
+FIDELITY = ("--spectra-clip-schedule wsd-cosine --spectra-clip-final-scale 0.2 --spectra-decay-fraction 0.5 "
+            "--spectra-pre-clip --spectra-pre-clip-threshold 0.05").split()
+FIDELITY_KWARGS = dict(clip_schedule="wsd-cosine", clip_final_scale=0.2, decay_fraction=0.5, total_steps=STEPS,
+                       pre_clip=True, pre_clip_threshold=0.05)
 
 
 def _layout_name(tp, pp, dp, distributed):
@@ -43,6 +51,7 @@ def _cases(world: int) -> dict:
     if world == 4:
         for base in ("signum", "ademamix"):
             cases[f"{base}-tp2-pp1-dp2"] = (2, 1, _flags(base, True), None)
+        cases["fidelity-tp2-pp1-dp2"] = (2, 1, _flags("adamw", True) + FIDELITY, None)
         cases["bound"] = (2, 1, _flags("adamw", True, clip_grad=0.0), _BoundCheck)
         cases["nan-skip"] = (2, 1, _flags("adamw", True, clip_grad=0.0), NaNGradient)
         cases["nan-raise"] = (2, 1, _flags("adamw", True, clip_grad=0.0, nonfinite="raise"), NaNGradient)  # last: it fails
@@ -56,6 +65,8 @@ def _trainings(rank, world, workdir):
         for base in BASES:
             argv = tiny_gpt(workdir, f"reference-{base}", steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
             out[f"reference-{base}"] = reference(argv + _flags(base, True), dict(kwargs, base=base))
+        argv = tiny_gpt(workdir, "reference-fidelity", steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
+        out["reference-fidelity"] = reference(argv + _flags("adamw", True) + FIDELITY, dict(kwargs, **FIDELITY_KWARGS))
     for name, (tp, pp, flags, check) in _cases(world).items():
         argv = tiny_gpt(workdir, name, tp=tp, pp=pp, steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
         extra = check() if check is not None else None
@@ -101,6 +112,12 @@ def test_other_bases_match_the_reference(runs, base):
     assert_same_losses(runs["four"][0][f"{base}-tp2-pp1-dp2"]["losses"], runs["single"][0][f"reference-{base}"])
 
 
+def test_the_official_options_match_the_reference_through_tp_and_zero(runs):
+    want = runs["single"][0]["reference-fidelity"]
+    assert_same_losses(runs["four"][0]["fidelity-tp2-pp1-dp2"]["losses"], want)
+    assert tuple(want) != tuple(runs["single"][0]["reference-adamw"])  # the options change the run
+
+
 def test_the_bases_train_differently(runs):
     """Guards the two tests above: equal losses mean the right base, not that it does not matter."""
     references = [tuple(runs["single"][0][f"reference-{base}"]) for base in BASES]
@@ -122,7 +139,8 @@ class _BoundCheck:
             group = parallel_state.get_tensor_model_parallel_group()
             for name, old in self.before.items():
                 p = params[name]
-                step_ = (1 - LR * (0.1 if p.ndim == 2 else 0.0)) * old - p.detach()
+                decayed = p.ndim == 2 and not getattr(p, "is_embedding_or_output_parameter", False)  # the paper's placement
+                step_ = (1 - LR * (0.1 if decayed else 0.0)) * old - p.detach()
                 full = _gather_tp(step_, p, tp, group)
                 if p.ndim == 2:
                     shape = full.shape

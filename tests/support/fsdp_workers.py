@@ -183,6 +183,11 @@ def four_rank_runs(checkpoints: str) -> dict[str, Run]:
         "fsdp2xtp2-adamw": Run("fsdp_tp", "adamw", save_at=5, path=f"{checkpoints}/fsdp2xtp2"),
         "fsdp2xtp2-signum-gram": Run("fsdp_tp", "signum", options=(("strategy", "gram"),)),
         "hsdp2x2-ademamix-preclip": Run("hsdp", "ademamix", options=(("pre_clip", True),)),
+        # the official options (issue 11): a decay type with a final scale and a pre-clip ramp; normalize
+        "fsdp2xtp2-adamw-official-options": Run("fsdp_tp", "adamw", options=(
+            ("clip_schedule", "wsd-cosine"), ("clip_final_scale", 0.2), ("decay_fraction", 0.5), ("total_steps", 10),
+            ("pre_clip", True), ("pre_clip_schedule", "linear"), ("pre_clip_threshold_end", 0.05))),
+        "fsdp4-adamw-normalize": Run("fsdp", "adamw", options=(("post_process", "normalize"), ("ns_fp32", True), ("strategy", "owner"))),
         "fsdp4-nan-skip": Run("fsdp", "adamw", stop=6, nan_at=3, options=(("nonfinite", "skip"),)),
     }
 

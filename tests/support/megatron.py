@@ -151,7 +151,8 @@ class NaNGradient:
 def reference(argv: list[str], spectra_kwargs: dict) -> list[float]:
     """The run `argv` describes, in this one process with the reference `Spectra` on the whole
     global batch: the same model (NamedWeights), the same GPTDataset batches in the same
-    order, the same weight-decay split (none on 1-D params), global grad-norm clipping and
+    order, the same weight-decay split (none on 1-D params, embeddings and output layer unless
+    --spectra-decay-embeddings), global grad-norm clipping and
     constant lr. Returns the loss of every iteration."""
     import warnings
 
@@ -168,10 +169,12 @@ def reference(argv: list[str], spectra_kwargs: dict) -> list[float]:
         model = build_model(args, padded_vocab_size(tokenizer.vocab_size, args))
         NamedWeights()(model)
         named = list(model.named_parameters())
+        # the paper's placement (spectra_decay_embeddings off): Linear weights only
+        decayed = lambda n, p: p.ndim >= 2 and (args.spectra_decay_embeddings or not getattr(p, "is_embedding_or_output_parameter", False))  # noqa: E731
         groups = [
-            {"params": [p for _, p in named if p.ndim >= 2], "param_names": [n for n, p in named if p.ndim >= 2],
+            {"params": [p for n, p in named if decayed(n, p)], "param_names": [n for n, p in named if decayed(n, p)],
              "weight_decay": args.weight_decay},
-            {"params": [p for _, p in named if p.ndim < 2], "param_names": [n for n, p in named if p.ndim < 2],
+            {"params": [p for n, p in named if not decayed(n, p)], "param_names": [n for n, p in named if not decayed(n, p)],
              "weight_decay": 0.0},
         ]
         opt = Spectra(groups, lr=args.lr, **spectra_kwargs)
@@ -184,6 +187,8 @@ def reference(argv: list[str], spectra_kwargs: dict) -> list[float]:
             total, tokens, _ = loss_func(output)
             loss = total / tokens
             loss.backward()
+            if opt.pre_clip_schedule is not None:
+                opt.pre_clip_gradients()  # the official order: before global-norm clipping
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()
