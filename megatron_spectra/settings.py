@@ -184,7 +184,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("eps", float, 1e-8, "added to sqrt(v) in the denominator (Megatron: --adam-eps)",
             check=non_negative, bases=_ADAM, megatron="adam_eps", core=True, flag=None),
     # the clipping threshold and its schedule
-    Setting("clip_threshold", float, 10.0, "c: every applied matrix step has spectral norm <= lr·alpha·c",
+    Setting("clip_threshold", float, 10.0, "c: every applied matrix step has spectral norm <= lr·alpha·c (to bf16 accuracy in paper mode)",
             check=positive),
     Setting("post_process", str, "clip", "clip (SSC at threshold c) | normalize (the official normalize_sigvals: every "
             "singular value set to ~1 by Muon's quintic Newton-Schulz, vectors to u/(|u|+1e-7); no threshold; paper mode)",

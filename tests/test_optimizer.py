@@ -92,8 +92,9 @@ def test_signum_is_the_sign_of_nesterov_momentum():
 @pytest.mark.parametrize("base", ["adamw", "signum", "ademamix"])
 @pytest.mark.parametrize("mode, ns_fp32, tol", [("accurate", False, 1e-4), ("paper", True, 1e-4), ("paper", False, 0.2)])
 def test_applied_update_has_spectral_norm_at_most_lr_alpha_c(base, mode, ns_fp32, tol):
-    # The official bf16 numerics overshoot c by up to ~16% (measured over random matrices):
-    # bf16 rounding of Z/sqrt(a) and of the final product. fp32 and accurate mode hold it.
+    # The official bf16 numerics overshoot c (bf16 rounding of Z/sqrt(a) and of the final
+    # product): measured over random matrices up to 0.6% at s_max/c = 10, 10.5% at 100 and
+    # beyond (README, Usage). fp32 and accurate mode hold it to fp32 rounding (<= 3e-6).
     model = tiny_model()
     lr, wd, c = 0.05, 0.1, 0.5
     opt = Spectra(model.named_parameters(), base, lr=lr, weight_decay=wd, clip_threshold=c,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_spectra import soft_spectral_clip, soft_spectral_clip_svd, spectral_clip
+from megatron_spectra import normalize_singular_values, soft_spectral_clip, soft_spectral_clip_svd, spectral_clip
 from megatron_spectra.ops.newton_schulz import scaled_newton_schedule
 
 
@@ -183,3 +183,82 @@ def test_bad_input_is_named():
         soft_spectral_clip(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), 1.0, mode="accurate")
     with pytest.raises(ValueError, match="shape"):
         soft_spectral_clip(torch.randn(2, 2, 2, 2), 1.0)
+
+
+# --------------------------------------------------------------------------- input range and bad input
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30), (4, 20, 12), (64,)])
+@pytest.mark.parametrize("k", [-100, -30, 40, 60])
+def test_paper_mode_out_of_range_is_the_official_algorithm_on_the_scaled_input(shape, k):
+    # Where the official arithmetic computes (2^40, 2^-30: finite, nonzero), its result bit for
+    # bit; where it overflows or underflows (2^60: the bf16 Gram or |u|² overflows; 2^-100: the
+    # Gram underflows to 0/0), the official algorithm on x and c scaled so that max|x| lies in
+    # [0.5, 1), scaled back: bit for bit as well.
+    g = torch.Generator().manual_seed(2)
+    x = torch.ldexp(torch.randn(*shape, generator=g) * 3, torch.tensor(k))
+    e = math.frexp(x.abs().max().item())[1]
+    for c in (0.5, 10.0):
+        c = math.ldexp(c, k)
+        official = official_clip_sigvals(x, c)
+        handled = torch.isfinite(official).all() and (x.ndim > 1 or 0 < (x.norm() / c) ** 2 < math.inf)
+        assert handled == (k in (40, -30))
+        want = official if handled else torch.ldexp(official_clip_sigvals(torch.ldexp(x, torch.tensor(-e)), math.ldexp(c, -e)), torch.tensor(e))
+        assert torch.equal(soft_spectral_clip(x, c), want)
+
+
+def test_paper_mode_takes_huge_and_tiny_inputs_where_the_official_gives_nan():
+    x, s = make_matrix(40, 70, 3.0, "flat", dtype=torch.float32)
+    for scale in (1e20, 1e-30):
+        official = official_clip_sigvals(x * scale, scale)  # the bf16 Gram overflows / underflows to 0/0
+        assert torch.isnan(official).all()
+        out = soft_spectral_clip(x * scale, scale)
+        assert singular_value_error(out.double() / scale, s, 1.0) < 2e-2  # bf16's accuracy at s_max/c = 3
+    u = torch.tensor([3e20, 4e20])  # the vector rule: |u|² overflows fp32
+    assert torch.equal(official_clip_sigvals(u, 1e20), torch.zeros(2))
+    torch.testing.assert_close(soft_spectral_clip(u, 1e20), u / math.sqrt(1 + 25))
+
+
+@pytest.mark.parametrize("x, c", [
+    (torch.randn(8, 12), 1e-30),  # s_max/c ~ 1e30: I + XXᵀ/c² is beyond bf16/fp32
+    (torch.randn(8, 12) * 1e20, 1.0),
+    (torch.full((4,), 1000.0, dtype=torch.float16), 1.0),  # fp16 vector rule: |u|²/c² > 65504
+], ids=["tiny-c", "huge-x", "fp16-vector"])
+def test_paper_mode_beyond_its_range_is_a_clear_error(x, c):
+    assert not torch.isfinite(official_clip_sigvals(x, c)).all() or not official_clip_sigvals(x, c).any()
+    with pytest.raises(ValueError, match=r"paper mode overflowed at max\|x\|/c = .*mode='accurate'"):
+        soft_spectral_clip(x, c)
+    out = soft_spectral_clip(x, c, mode="accurate")
+    assert torch.isfinite(out).all() and out.any()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0), (2, 0, 3), (0, 3, 4), (0,)])
+def test_empty_input_gives_an_empty_result(shape):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.zeros(shape, dtype=dtype)
+        for mode in ("paper", "accurate"):
+            out = soft_spectral_clip(x, 1.0, mode=mode)
+            assert out.shape == x.shape and out.dtype == dtype
+        assert normalize_singular_values(x).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.complex64])
+def test_integer_bool_and_complex_input_is_rejected_naming_the_dtype(dtype):
+    x = torch.ones(3, 4, dtype=dtype)
+    for fn in (soft_spectral_clip, lambda x, c: normalize_singular_values(x)):
+        with pytest.raises(TypeError, match=f"real floating-point tensor, got dtype {dtype}"):
+            fn(x, 1.0)
+        with pytest.raises(TypeError, match="dtype"):
+            fn(x[0], 1.0)
+
+
+@pytest.mark.parametrize("mode", ["paper", "accurate"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_rejected_in_both_modes(mode, bad):
+    for shape in [(3, 4), (2, 3, 4), (5,)]:
+        x = torch.ones(shape)
+        x.view(-1)[1] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            soft_spectral_clip(x, 1.0, mode=mode)
+    with pytest.raises(TypeError, match="dense"):
+        soft_spectral_clip(torch.eye(3).to_sparse(), 1.0, mode=mode)

@@ -1,4 +1,4 @@
-"""`spectra bench engine`: the distributed clip engine against redundant clipping (issue 3).
+"""`spectra bench engine`: the distributed clip engine against redundant clipping.
 
     spectra bench engine [--models 160m,820m] [--scale 8] [--worlds 4,8] [--mode accurate]
 

@@ -14,6 +14,12 @@ Two numerics:
   10 plain coupled Newton-Schulz steps on (I + G/c²)/a, no early exit.
 - "accurate": fp32, the relative error of every singular value s_i >= 1e-4 s_max against
   h_c(s_i) is below 1e-3 for any s_max/c. See `_accurate` for how and why.
+
+`soft_spectral_clip` is the checked entry point (real floating dtype, finite entries, paper
+mode's range, see its doc). `clip_wide` and `clip_vector` are the optimizer's and engine's:
+unchecked (paper mode's matrix clip stays free of device syncs, as the official one), and
+non-finite input gives a non-finite result in both modes, for the caller's finiteness check
+to name.
 """
 
 from __future__ import annotations
@@ -85,29 +91,88 @@ def soft_spectral_clip(
     Vectors follow the official rule in paper mode, u / sqrt(1 + |u|²/c²) only when |u| > c
     (discontinuous at |u| = c); accurate mode applies h_c to |u| always, which is the SSC of
     the vector seen as a 1 x n matrix.
+
+    x must be a real floating-point tensor with finite entries (else TypeError / ValueError);
+    an empty x gives an empty result. Paper mode is the official algorithm, bit for bit. Where
+    its arithmetic overflows or underflows (entries ~1e20 or ~1e-30: inf/NaN out, or 0 from a
+    vector whose |u|²/c² overflows), it is rerun on x and c scaled by the power of two that
+    brings max|x| into [0.5, 1): exact, so H_c is unchanged. If that overflows too, s_max/c
+    is beyond its single Newton-Schulz stage (~1e19): a ValueError; accurate mode clips in
+    stages and takes any ratio.
     """
     c = check_threshold(c)
     numerics = ClipNumerics(mode, ns_steps, fp32)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"soft_spectral_clip expects a torch.Tensor, got {type(x).__name__}")
+    check_input(x, "soft_spectral_clip")
+    if x.ndim not in (1, 2, 3):
+        raise ValueError(f"soft_spectral_clip takes a vector, a matrix or a batch (b, m, n); got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return x.clone()
+    amax = float(x.abs().amax())  # device syncs are fine here: this is the checked public entry point
+    if not math.isfinite(amax):
+        raise ValueError("soft_spectral_clip: the input has non-finite values (inf or NaN)")
+    out = _clip_one(x, c, numerics)
+    if mode == "accurate" or not _paper_overflowed(x, c, out):
+        return out
+    exponent = min(max(-math.frexp(amax)[1], -1000), 1000)  # 2^exponent·max|x| in [0.5, 1), representable
+    scaled_c = math.ldexp(c, exponent)
+    if math.isinf(scaled_c):  # c is > 1e300 times every entry: H_c(x) = x in any precision
+        return x.clone()
+    scaled = (x.double() * math.ldexp(1.0, exponent)).to(x.dtype)  # exact, also where 2^exponent is not an x.dtype
+    out = _clip_one(scaled, scaled_c, numerics)
+    if _paper_overflowed(scaled, scaled_c, out):
+        raise ValueError(
+            f"soft_spectral_clip: paper mode overflowed at max|x|/c = {amax / c:.1e}: its one Newton-Schulz stage "
+            f"needs I + XXᵀ/c² (and, for a vector, |x|²/c²) representable in {_paper_dtype(x, numerics)}, "
+            f"i.e. s_max/c below ~1e19; use mode='accurate', which clips in stages"
+        )
+    return (out.double() * math.ldexp(1.0, -exponent)).to(x.dtype)
+
+
+def _paper_dtype(x: torch.Tensor, numerics: ClipNumerics) -> torch.dtype:
+    if x.ndim == 1:
+        return x.dtype  # the vector rule computes in x's dtype
+    return torch.float32 if numerics.fp32 else torch.bfloat16
+
+
+def _paper_overflowed(x: torch.Tensor, c: float, out: torch.Tensor) -> bool:
+    """Did the official arithmetic overflow or underflow? A matrix then comes out inf/NaN (a
+    Gram of 0s divided by c² ~ 0 too); the vector rule's |u| is checked as it computes it:
+    inf (|u|²/c² overflows: 0 out) or 0 for a nonzero u (u unclipped)."""
+    if x.ndim == 1:
+        norm = x.norm()
+        return bool(torch.isinf((norm / c) ** 2)) or (float(norm) == 0.0 and bool(x.any()))
+    return not bool(torch.isfinite(out).all())
+
+
+def _clip_one(x: torch.Tensor, c: float, numerics: ClipNumerics) -> torch.Tensor:
     if x.ndim == 1:
         return clip_vector(x, c, numerics)
-    if x.ndim not in (2, 3):
-        raise ValueError(f"soft_spectral_clip takes a vector, a matrix or a batch (b, m, n); got shape {tuple(x.shape)}")
     tall = x.size(-2) > x.size(-1)
-    wide = x.mT if tall else x
-    (out,) = clip_wide([wide], [c], numerics, shared_bound=True)
+    (out,) = clip_wide([x.mT if tall else x], [c], numerics, shared_bound=True)
     return out.mT if tall else out
+
+
+def check_input(x, what: str) -> None:
+    """A dense real floating-point tensor, or a TypeError naming what it is."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} expects a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{what} takes a dense tensor, got layout {x.layout}")
+    if not x.dtype.is_floating_point:  # ints and bools would come back as zeros, complex without its imaginary part
+        raise TypeError(f"{what} takes a real floating-point tensor, got dtype {x.dtype}")
 
 
 def normalize_singular_values(x: torch.Tensor, *, ns_steps: int = 10, fp32: bool = False) -> torch.Tensor:
     """The official `normalize_sigvals` (Muon's quintic Newton-Schulz: every singular value to
     ~1) of a vector, a matrix or a batch (b, m, n), bit for bit; returned in x's dtype."""
     numerics = ClipNumerics("paper", ns_steps, fp32, "normalize")
+    check_input(x, "normalize_singular_values")
+    if x.ndim not in (1, 2, 3):
+        raise ValueError(f"normalize_singular_values takes a vector, a matrix or a batch (b, m, n); got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return x.clone()
     if x.ndim == 1:
         return clip_vector(x, 1.0, numerics)
-    if x.ndim not in (2, 3):
-        raise ValueError(f"normalize_singular_values takes a vector, a matrix or a batch (b, m, n); got shape {tuple(x.shape)}")
     tall = x.size(-2) > x.size(-1)
     (out,) = clip_wide([x.mT if tall else x], [1.0], numerics)
     return out.mT if tall else out
@@ -251,13 +316,14 @@ def _accurate(xs, cs, reduce: Reducer) -> list[torch.Tensor]:
     amax = [_abs_max(x) for x in xs32]
     reduce.max_(amax)
     amax_host = [a.double().tolist() for a in amax]
-    if not all(math.isfinite(v) for a in amax_host for v in a):
-        raise ValueError("soft_spectral_clip: the input has non-finite values (inf or NaN)")
-    scales = [[v if v > 0 else 1.0 for v in a] for a in amax_host]  # per matrix of each item
-    xs32 = [x / _as_batch(s, x) for x, s in zip(xs32, scales)]
+    # Non-finite in, NaN out (as paper mode's arithmetic gives): the caller's finiteness check
+    # names it. Decided on the reduced maxima, so every holder of a matrix decides alike.
+    bad = {i for i, a in enumerate(amax_host) if not all(math.isfinite(v) for v in a)}
+    scales = [[v if 0 < v < math.inf else 1.0 for v in a] for a in amax_host]  # per matrix of each item
+    xs32 = [x / _as_batch(s, x) if i not in bad else torch.full_like(x, math.nan) for i, (x, s) in enumerate(zip(xs32, scales))]
     remaining = [[c / v for c, v in zip(cc, s)] for cc, s in zip(cs, scales)]  # threshold in running units
     out_scale = [list(s) for s in scales]
-    active = list(range(len(xs32)))
+    active = [i for i in range(len(xs32)) if i not in bad]
     while active:
         grams = [xs32[i] @ xs32[i].mT for i in active]
         reduce.sum_(grams)

@@ -42,15 +42,19 @@ class Spectra(SpectraStep, torch.optim.Optimizer):
     - pre_clip: call `pre_clip_gradients()` after the backward (and the DDP reduction) and
       before global-norm clipping; `step()` does it itself if nobody did;
     - nonfinite="skip": a step with a non-finite gradient changes nothing and counts in
-      `skipped_steps`; a non-finite update from finite gradients (paper-mode bf16 overflow)
-      leaves the weights unchanged. "raise" raises a NonFiniteError naming the parameter;
+      `skipped_steps`; so does one whose direction U (e.g. eps=0 and a zero gradient entry:
+      0/0) or its clip (paper mode's bf16 overflow) is non-finite from finite gradients,
+      except that the base moments keep those gradients. "raise" raises a NonFiniteError
+      naming the parameter and which of gradient, direction or update it was;
     - track_update_norms: the spectral norm of every matrix direction before and after
       clipping in `last_update_norms` (costs an SVD per matrix).
 
     `last_threshold` holds the c_k of the last step for logging; `spectra_step` and
     `skipped_steps` count the steps taken and skipped (kept in every param group, so they
-    travel with `state_dict()`); `register_update_observer(fn)` hands fn the U and H_c(U)
-    of every clipped param after each step's clip.
+    travel with `state_dict()`, with the base's name, `spectra_base`: `load_state_dict` of
+    another base's state is refused); `register_update_observer(fn)` hands fn the U and
+    H_c(U) of every clipped param after each step's clip. A (0, n) param is left as it is;
+    a sparse gradient is a TypeError naming its param.
     """
 
     def __init__(self, params: Iterable, base: str = DEFAULT["base"], lr: float = DEFAULT["lr"],
@@ -64,6 +68,7 @@ class Spectra(SpectraStep, torch.optim.Optimizer):
                                           s["decay_fraction"], s["clip_final_scale"])
         self.pre_clip_schedule = pre_clip_schedule(s) if s["pre_clip"] else None
         self.base_lr, self.threshold_base_lr = s["lr"], s["threshold_base_lr"]  # the official base_lr=--lr
+        _check_warmup_lr(s)
         self.numerics = ClipNumerics(s["mode"], s["ns_steps"], s["ns_fp32"], s["post_process"])
         self.apply_to, self.nonfinite, self.track_update_norms = s["apply_to"], s["nonfinite"], s["track_update_norms"]
         hyper = {k: s[k] for k in (hyperparameters(s["base"]) if own is None else own)}
@@ -74,6 +79,19 @@ class Spectra(SpectraStep, torch.optim.Optimizer):
             _check_choice("a param group's clip", group["clip"], CLIP_KINDS + (None,))
             group.setdefault("peak_lr", group["lr"])
         self.init_step(LocalClipper(self.numerics))
+
+
+def _check_warmup_lr(s: dict) -> None:
+    """The warm-up rule c_k = c·lr_max/lr_k takes lr_max from `lr` (threshold_base_lr="global",
+    the official base_lr): lr = 0 would make c_k = 0 through the warm-up, so that nothing moves
+    (the official code divides by c = 0 and gets NaN weights)."""
+    warms = s["warmup_steps"] > 0 and s["clip_schedule"] != "constant" and s["threshold_base_lr"] == "global"
+    used = s["post_process"] == "clip" or (s["pre_clip"] and s["pre_clip_schedule"] == "constant")
+    if warms and used and s["lr"] == 0:
+        raise ValueError(f"lr=0 with warmup_steps={s['warmup_steps']}: the threshold warm-up c_k = c·lr_max/lr_k takes "
+                         f"lr_max from lr, so c_k would be 0 and nothing would move during the warm-up. Pass the "
+                         f"peak lr as lr (a scheduler sets each step's lr), or threshold_base_lr='group' with each "
+                         f"param group's 'peak_lr', or clip_schedule='constant'")
 
 
 def _check_choice(what: str, value, choices) -> None:

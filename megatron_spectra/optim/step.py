@@ -29,14 +29,11 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..ops.soft_clip import ClipNumerics, clip_vector, clip_wide
+from .guards import NonFiniteError, check_base, check_dense, check_lr_max, nonfinite_hint
 from .schedules import ThresholdSchedule, matrix_scale
 
 STAGES = ("update", "gradient")  # what a clipper call clips: directions U_k, or gradients (pre-clipping)
 EMBEDDING_OR_OUTPUT = ("lm_head", "output", "output_layer", "head")  # module names of output layers
-
-
-class NonFiniteError(ValueError):
-    """A gradient or update with inf/NaN was about to reach the weights."""
 
 
 @dataclass(frozen=True)
@@ -149,8 +146,9 @@ def is_embedding_or_output(param: torch.Tensor, name: str | None = None) -> bool
 
 
 def clip_update(u: torch.Tensor, c: float, kind: str, numerics: ClipNumerics) -> torch.Tensor:
-    """H_c(u) of a whole tensor: SSC of a matrix, the vector rule, or u itself for "none"."""
-    if kind == "none":
+    """H_c(u) of a whole tensor: SSC of a matrix, the vector rule, or u itself for "none"
+    (and for an empty tensor, a (0, n) weight: nothing to clip)."""
+    if kind == "none" or u.numel() == 0:
         return u
     if c <= 0:  # the end of a wsd-* schedule at final scale 0: H_c -> 0 as c -> 0
         return torch.zeros_like(u)
@@ -218,7 +216,7 @@ class SpectraStep:
         """The param's clip kind, alpha and matrix-ness, from its (global) shape and the group's
         "clip" key; an adapter whose params are pieces answers from its own records."""
         kind = clip_kind(param, self.apply_to, group.get("clip"), name)
-        scale = matrix_scale(param.shape) if kind == "matrix" else 1.0
+        scale = matrix_scale(param.shape) if kind == "matrix" and param.numel() else 1.0  # (n, 0): no update
         return ParamSpec(name, kind, scale, param.ndim >= 2)
 
     def peak_lr(self, group: dict) -> float:
@@ -232,6 +230,8 @@ class SpectraStep:
 
     def spectral_norm(self, param: torch.Tensor, tensor: torch.Tensor) -> float:
         """||tensor||_2 of a param-shaped tensor, for `track_update_norms` (an SVD)."""
+        if tensor.numel() == 0:
+            return 0.0
         return float(torch.linalg.matrix_norm(tensor.reshape(tensor.shape[0], -1).float(), ord=2))
 
     # ------------------------------------------------------------------ observers
@@ -255,12 +255,16 @@ class SpectraStep:
             self.pre_clip_gradients()
         self._pre_clipped = False
         params = [(group, p, spec) for group, p, spec in self._specs() if p.grad is not None]
+        check_dense(params)
         if not self._finite_or_skip([p.grad for _, p, _ in params], [s.name for *_, s in params], "gradient"):
             return loss
         moved = [(group, p, spec, self._direction(group, p)) for group, p, spec in params]  # lr 0 too
         moved = [(group, p, spec, u) for group, p, spec, u in moved if group["lr"] != 0]
         updates = self._clip_updates(moved)
-        if not self._finite_or_skip(updates, [s.name for _, _, s, _ in moved], "update"):
+        # A non-finite direction (e.g. eps 0 and a zero gradient entry: 0/0) reaches this
+        # check too: every clipper hands it back non-finite. The moments keep this step's
+        # (finite) gradients either way; only the weights are left alone.
+        if not self._finite_or_skip(updates, [s.name for _, _, s, _ in moved], "update", moved):
             return loss
         for (group, p, spec, _), h in zip(moved, updates):
             lr = group["lr"]
@@ -305,7 +309,12 @@ class SpectraStep:
 
     def thresholds(self, schedule: ThresholdSchedule) -> list[float | None]:
         """c_k of every param group this step (None where its lr is 0: it does not move)."""
-        return [None if g["lr"] == 0 else schedule(g["spectra_step"], g["lr"], self.warmup_lr(g)) for g in self.param_groups]
+        cs = []
+        for i, g in enumerate(self.param_groups):
+            lr_max = self.warmup_lr(g)
+            check_lr_max(i, g, lr_max, schedule, self.threshold_base_lr == "global" and self.base_lr is not None)
+            cs.append(None if g["lr"] == 0 else schedule(g["spectra_step"], g["lr"], lr_max))
+        return cs
 
     def pre_clip_thresholds(self):
         """The official pre-clip c: one for all, the schedule at the first group's lr (at lr 0
@@ -342,13 +351,19 @@ class SpectraStep:
             names = group.get("param_names") or [f"group{gi}.param{i}{tuple(p.shape)}" for i, p in enumerate(group["params"])]
             yield from ((group, p, self.spec_of(group, p, name)) for p, name in zip(group["params"], names))
 
-    def _finite_or_skip(self, tensors, names, what: str) -> bool:
+    def _finite_or_skip(self, tensors, names, what: str, moved=None) -> bool:
+        """True if every process's tensors are finite; else skip the step everywhere or raise
+        a NonFiniteError naming the parameters and what went non-finite."""
         bad = self.clipper.find_nonfinite(tensors)
         if bad is None:
             return True
-        where = f"parameter(s) {[names[i] for i in bad]}" if bad else "a parameter of another process"
         if self.nonfinite == "raise":
-            hint = " (paper-mode bf16 overflow? try mode='accurate')" if what == "update" else ""
+            if moved is not None:  # which was it: the base direction U, or its clip H_c(U)?
+                bad_u = self.clipper.find_nonfinite([u for *_, u in moved])  # every process is here alike
+                what, bad = ("direction", bad_u) if bad_u is not None else ("update", bad)
+            where = f"parameter(s) {[names[i] for i in bad]}" if bad else "a parameter of another process"
+            bad_entries = [moved[i] for i in bad] if moved is not None else []
+            hint = nonfinite_hint(what, bad_entries, self.base, self.numerics, self.pre_clip_schedule is not None, self.last_threshold)
             raise NonFiniteError(f"non-finite {what} in {where}{hint}; the weights were not changed")
         for group in self.param_groups:
             group["spectra_skipped_steps"] += 1
@@ -372,8 +387,10 @@ class SpectraStep:
     def _start_counters(self, group: dict) -> None:
         group.setdefault("spectra_step", self.spectra_step if group is not self.param_groups[0] else 0)
         group.setdefault("spectra_skipped_steps", 0)
+        group.setdefault("spectra_base", self.base.name)  # which base's moments the state holds
 
     def load_state_dict(self, state_dict) -> None:
+        check_base(self.base, state_dict)
         super().load_state_dict(state_dict)
         self.restore_counters()
 
@@ -387,3 +404,4 @@ class SpectraStep:
                 step = next((self.state[p]["step"] for p in group["params"] if "step" in self.state[p]), 0)
             group["spectra_step"] = int(step)
             group.setdefault("spectra_skipped_steps", 0)
+            group.setdefault("spectra_base", self.base.name)

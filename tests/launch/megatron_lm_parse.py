@@ -12,6 +12,9 @@ import warnings
 
 def main() -> None:
     sys.path.insert(0, sys.argv[1])
+    import typing  # core_r0.18+ use typing.override (Python 3.12); a no-op stands in on 3.11
+
+    typing.override = getattr(typing, "override", lambda f: f)
     # batch_invariant_kernels imports triton at module level; nothing here runs kernels.
     stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
     stub.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") else (lambda *a, **k: None)

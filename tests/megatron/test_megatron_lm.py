@@ -7,13 +7,22 @@ Runs only with MEGATRON_LM naming a checkout (Megatron-LM is not on PyPI):
 - the zero-edit runner: `torchrun --nproc-per-node 4 -m megatron_spectra.megatron_lm pretrain_gpt.py`;
 - the patched checkout: patches/apply.sh on a copy, then `torchrun pretrain_gpt.py`;
 - apply.sh on pretrain_gpt.py of every release tag core_v0.16.1 .. core_v0.19.0 the
-  checkout's git knows.
+  checkout's git knows;
+- checkpoints through Megatron-LM's load_checkpoint: a plain `--optimizer adam` torch_dist
+  checkpoint is refused by spectra-signum with CheckpointMismatch (not dist_checkpointing's
+  missing keys) and taken over by spectra-adamw.
 
 A tiny LLaMA-style GPT (TP=2 x DP=2, distributed optimizer, mock data) trains for a few
-iterations on CPU processes (`--spectra-cpu`, gloo). Megatron-LM itself needs triton and
-pybind11 (it compiles its dataset helpers with `python3 -m pybind11`). Its releases from
-0.18 on target Python 3.12; on 3.11 the one 3.12 feature on this path, `typing.override` (a
-no-op decorator), is supplied by a sitecustomize in the test's PYTHONPATH.
+iterations on CPU processes (`--spectra-cpu`, gloo). Set-up (the tests skip naming what is
+missing):
+- a checkout: `git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout
+  core_v0.16.1` (any release core_r0.16 .. 0.19), then MEGATRON_LM=<that path>;
+- Megatron-LM's imports on this path: `pip install triton pybind11 six regex pydantic pyyaml`
+  (pybind11: it compiles its dataset helpers with `make`, which calls `python3`; the test
+  puts this interpreter first on PATH, so the checkout's .python-version does not matter);
+- for the checkpoint tests `pip install psutil`; for the TensorBoard test `pip install tensorboard`.
+Releases from 0.18 on target Python 3.12; on 3.11 the one 3.12 feature on this path,
+`typing.override` (a no-op decorator), is supplied by a sitecustomize in the test's PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -50,11 +59,17 @@ MODEL_ARGS = [
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+)")
 
 
-def _requirements():
+# module -> pip name: what Megatron-LM imports on this path (initialize.py: triton, yaml;
+# the tokenizers: six, regex; megatron.rl: pydantic) and its dataset helpers' build (pybind11).
+REQUIRED = {"triton": "triton", "pybind11": "pybind11", "six": "six", "regex": "regex", "pydantic": "pydantic",
+            "yaml": "pyyaml"}
+
+
+def _requirements(extra: dict | None = None):
     import importlib.util
     import torch
 
-    missing = [m for m in ("triton", "pybind11") if importlib.util.find_spec(m) is None]
+    missing = [pip for module, pip in {**REQUIRED, **(extra or {})}.items() if importlib.util.find_spec(module) is None]
     if missing:
         pytest.skip(f"Megatron-LM needs {', '.join(missing)} (pip install {' '.join(missing)})")
     if torch.cuda.is_available():
@@ -77,9 +92,9 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def _torchrun(cwd: Path, script_args: list[str], tmp: Path, timeout: float = 900) -> dict:
+def _torchrun(cwd: Path, script_args: list[str], tmp: Path, timeout: float = 900, model_args=MODEL_ARGS) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-               "--master-port", str(_free_port()), *script_args, *MODEL_ARGS, "--spectra-cpu",
+               "--master-port", str(_free_port()), *script_args, *model_args, "--spectra-cpu",
                "--spectra-log-update-norms", "--tensorboard-dir", str(tmp / "tensorboard")]
     done = subprocess.run(command, cwd=cwd, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
@@ -145,6 +160,52 @@ def test_patched_checkout_trains_with_spectra(tmp_path):
     again = subprocess.run(["bash", str(APPLY), str(checkout)], capture_output=True, text=True)
     assert again.returncode == 0 and "already patched" in again.stdout
     _check_run(_torchrun(checkout, ["pretrain_gpt.py"], tmp_path))
+
+
+def _runner(tmp: Path, optimizer: str, *extra: str) -> dict:
+    """The zero-edit runner with MODEL_ARGS under another --optimizer (later flags win)."""
+    model_args = [*MODEL_ARGS, "--optimizer", optimizer, "--ckpt-format", "torch_dist", *extra]
+    script = ["-m", "megatron_spectra.megatron_lm", str(Path(MEGATRON_LM) / "pretrain_gpt.py")]
+    return _torchrun(Path(MEGATRON_LM), script, tmp, model_args=model_args)
+
+
+SAVED = ITERS // 2
+
+
+@pytest.fixture(scope="module")
+def adam_checkpoint(tmp_path_factory):
+    """Megatron's own Adam (distributed optimizer, dp_reshardable) for ITERS iterations,
+    saved as torch_dist every SAVED; the runs below load iteration SAVED (`--ckpt-step`)."""
+    _requirements({"psutil": "psutil"})
+    tmp = tmp_path_factory.mktemp("adam")
+    run = _runner(tmp, "adam", "--save", str(tmp / "ckpt"), "--save-interval", str(SAVED))
+    assert run["rc"] == 0 and sorted(run["losses"]) == list(range(1, ITERS + 1)), run["output"][-4000:]
+    assert (tmp / "ckpt" / f"iter_{SAVED:07d}").is_dir()
+    return {**run, "dir": tmp / "ckpt"}
+
+
+@needs_checkout
+def test_spectra_signum_refuses_a_plain_adam_checkpoint(adam_checkpoint, tmp_path):
+    run = _runner(tmp_path, "spectra-signum", "--load", str(adam_checkpoint["dir"]), "--ckpt-step", str(SAVED))
+    tail = run["output"][-4000:]
+    assert run["rc"] != 0 and not run["losses"], tail
+    assert "CheckpointMismatch: the checkpoint holds a plain Adam optimizer state (exp_avg, exp_avg_sq); " \
+           "spectra-signum keeps ('momentum_buffer',)" in run["output"], tail
+    assert "--no-load-optim" in run["output"]
+    assert "not in state dict" not in run["output"], tail  # dist_checkpointing's KeyError never came
+
+
+@needs_checkout
+def test_spectra_adamw_takes_over_a_plain_adam_checkpoint(adam_checkpoint, tmp_path):
+    run = _runner(tmp_path, "spectra-adamw", "--load", str(adam_checkpoint["dir"]), "--ckpt-step", str(SAVED))
+    tail = run["output"][-4000:]
+    assert run["rc"] == 0 and sorted(run["losses"]) == list(range(SAVED + 1, ITERS + 1)), tail
+    assert "Loading a plain Megatron Adam checkpoint into spectra-adamw" in run["output"], tail
+    assert f"step count ({SAVED}" in run["output"], tail  # Adam's count carried over
+    # the first resumed loss is a forward pass of the loaded weights on Adam's next batch
+    adam, resumed = adam_checkpoint["losses"], run["losses"]
+    assert resumed[SAVED + 1] == pytest.approx(adam[SAVED + 1], rel=1e-4), (adam, resumed)
+    assert resumed[ITERS] < 0.95 * resumed[SAVED + 1], (adam, resumed)  # and it trains on
 
 
 RELEASES = ["core_v0.16.1", "core_v0.17.0", "core_v0.18.0", "core_v0.19.0"]
