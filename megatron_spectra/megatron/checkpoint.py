@@ -160,7 +160,7 @@ def check_loadable(checkpoint_dir: str, base: str) -> None:
     fails inside dist_checkpointing with a list of missing tensor keys."""
     from megatron.core import dist_checkpointing
 
-    present = _saved_state_keys(dist_checkpointing.load_tensors_metadata(checkpoint_dir))
+    present = saved_state_keys(dist_checkpointing.load_tensors_metadata(checkpoint_dir))
     if not present:
         return  # no optimizer state in it; the caller decides whether that is fine
     needed = set(_keys(base))
@@ -170,7 +170,7 @@ def check_loadable(checkpoint_dir: str, base: str) -> None:
         raise CheckpointMismatch(f"the checkpoint's optimizer holds {sorted(present)}; spectra-{base} needs {sorted(needed)}")
 
 
-def _saved_state_keys(metadata: dict) -> set:
+def saved_state_keys(metadata: dict) -> set:
     """The moment names in a checkpoint's tensor keys: `optimizer.state.<key>.<param>`
     (model-space formats) and `optimizer.distributed....bucket_idx_<i>.<key>` (dp_reshardable),
     either after `chained_<i>.` when a ChainedOptimizer has several parts."""

@@ -280,7 +280,7 @@ def _check_optimizer(path: str, optimizer) -> None:
     (Otherwise torch's DCP fails with a bare KeyError of a tensor name.)"""
     from megatron.core import dist_checkpointing
 
-    from ..megatron.checkpoint import CheckpointMismatch, _saved_state_keys, check_loadable
+    from ..megatron.checkpoint import CheckpointMismatch, saved_state_keys, check_loadable
 
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(part, "spectra_config"):
@@ -288,7 +288,7 @@ def _check_optimizer(path: str, optimizer) -> None:
             continue
         inner = getattr(part, "optimizer", None)
         needed = {"exp_avg", "exp_avg_sq"} if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else set()
-        present = _saved_state_keys(dist_checkpointing.load_tensors_metadata(path))
+        present = saved_state_keys(dist_checkpointing.load_tensors_metadata(path))
         if present and needed - present:
             raise CheckpointMismatch(f"the checkpoint's optimizer holds {sorted(present)}; --optimizer adam needs "
                                      f"{sorted(needed)}. Resume with the optimizer that wrote it, or load the "
