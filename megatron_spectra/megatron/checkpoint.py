@@ -154,10 +154,12 @@ def _keys(base: str) -> tuple:
     return get_base(base).state_keys
 
 
-def check_loadable(checkpoint_dir: str, base: str) -> None:
+def check_loadable(checkpoint_dir: str, base: str, optimizer_name: str | None = None) -> None:
     """Before dist_checkpointing.load: does the checkpoint hold the moments `base` needs?
     Reads only the metadata. Without this a plain Adam checkpoint loaded into spectra-signum
-    fails inside dist_checkpointing with a list of missing tensor keys."""
+    fails inside dist_checkpointing with a list of missing tensor keys. `optimizer_name` is
+    how the error names the loading optimizer (megatron-core's own Adam keeps adamw's moments:
+    `check_loadable(path, "adamw", "--optimizer adam")`)."""
     from megatron.core import dist_checkpointing
 
     present = saved_state_keys(dist_checkpointing.load_tensors_metadata(checkpoint_dir))
@@ -165,9 +167,12 @@ def check_loadable(checkpoint_dir: str, base: str) -> None:
         return  # no optimizer state in it; the caller decides whether that is fine
     needed = set(_keys(base))
     if needed - present:
-        if present >= set(PLAIN_ADAM_KEYS):
+        if optimizer_name is None and present >= set(PLAIN_ADAM_KEYS):
             raise CheckpointMismatch(_adam_refusal(base))
-        raise CheckpointMismatch(f"the checkpoint's optimizer holds {sorted(present)}; spectra-{base} needs {sorted(needed)}")
+        raise CheckpointMismatch(
+            f"the checkpoint's optimizer holds {sorted(present)}; {optimizer_name or f'spectra-{base}'} needs "
+            f"{sorted(needed)}. Resume with the optimizer that wrote it, or load the weights only (--no-load-optim)"
+        )
 
 
 def saved_state_keys(metadata: dict) -> set:
