@@ -17,5 +17,7 @@ def test_bench_clip_measures_accuracy_and_matmuls(tmp_path, capsys):
         accurate, paper = rows[shape, "accurate"]["ratios"], rows[shape, "paper-fp32"]["ratios"]
         assert all(r["error"] <= 1e-3 for r in accurate.values()), accurate
         assert paper["1000.0"]["error"] > 0.1  # the official 10 steps do not converge there
-        assert paper["100.0"]["matmuls"] == 32 and accurate["100.0"]["matmuls"] <= 2 * 32
+        # The official Gram + 10 steps x 3 + final product = 32, less the 3 products that are
+        # exact in full fp32 (the first step's two with I, the last step's unread Y).
+        assert paper["100.0"]["matmuls"] == 29 and accurate["100.0"]["matmuls"] <= 2 * 32
         assert rows[shape, "svd"]["ratios"]["1.0"]["svds"] == 1

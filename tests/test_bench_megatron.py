@@ -2,6 +2,7 @@
 redundant baseline is the same optimizer as spectra-paper (only its cost differs)."""
 
 import argparse
+import importlib.util
 import json
 
 import pytest
@@ -13,18 +14,31 @@ from megatron_spectra.cli.main import build_parser  # noqa: E402
 
 
 def test_bench_megatron_tiny(tmp_path, capsys):
+    from megatron_spectra.bench.muon import muon_available
+
+    muon = muon_available()[0]
+    names = ["adam"] + (["dist-muon"] if muon else []) + ["spectra-paper-fp32", "redundant-paper-fp32"]
     out = tmp_path / "megatron.json"
     args = build_parser().parse_args([
         "bench", "megatron", "--models", "160m", "--scale", "32", "--layers", "1", "--steps", "1",
-        "--warmup", "1", "--seq", "16", "--optimizers", "adam,spectra-paper-fp32,redundant-paper-fp32", "--json", str(out),
+        "--warmup", "1", "--seq", "16", "--optimizers", ",".join(names), "--json", str(out),
     ])
     assert args.run is bench.run
     assert args.run(args) == 0
     table = capsys.readouterr().out
     assert "| 160m | 1 x 24 / 64 / 1572 | spectra-paper-fp32 |" in table
-    assert "divided by 32" in table and "+18.7%" in table
-    timings = json.loads(out.read_text())["results"][0]["timings"]
-    assert list(timings) == ["adam", "spectra-paper-fp32", "redundant-paper-fp32"]
+    assert "divided by 32" in table and "+18.7%" in table and "peak RSS per rank" in table
+    report = json.loads(out.read_text())["results"][0]
+    timings = report["timings"]
+    assert list(timings) == names
+    assert len(report["peak_rss_mb"]) == 4 and all(m > 0 for m in report["peak_rss_mb"])
+    # Adam's ZeRO-1 moments: 2 x 4 bytes x its DP half of the ~41 k TP-local params (0.17 MB)
+    assert 0.15 < max(timings["adam"]["state_mb"]) < 0.2
+    assert timings["spectra-paper-fp32"]["state_mb"] == timings["adam"]["state_mb"]  # the same two moments
+    if muon:  # megatron-core's Muon ran, and moved the weights its own way
+        assert "| dist-muon |" in table
+        assert timings["dist-muon"]["first_loss"] == pytest.approx(timings["adam"]["first_loss"], rel=1e-6)
+        assert timings["dist-muon"]["last_loss"] != pytest.approx(timings["adam"]["last_loss"], rel=1e-6)
     for name, t in timings.items():
         assert t["optimizer_step_ms"] > 0 and t["train_step_ms"] > t["optimizer_step_ms"], name
     assert timings["adam"]["first_loss"] == pytest.approx(timings["spectra-paper-fp32"]["first_loss"], rel=1e-6)
@@ -32,6 +46,27 @@ def test_bench_megatron_tiny(tmp_path, capsys):
     paper, redundant = timings["spectra-paper-fp32"]["last_loss"], timings["redundant-paper-fp32"]["last_loss"]
     assert redundant == pytest.approx(paper, rel=1e-3)
     assert paper != pytest.approx(timings["adam"]["last_loss"], rel=1e-6)  # and it is not Adam's
+
+
+@pytest.mark.skipif(importlib.util.find_spec("emerging_optimizers") is None, reason="emerging-optimizers not installed")
+def test_muon_is_available_wherever_emerging_optimizers_is_installed():
+    """On every megatron-core release (0.16: its `muon` module; 0.18+: `emerging_optimizers`),
+    so that the tiny bench above cannot pass by quietly leaving the dist-muon row out."""
+    from megatron_spectra.bench.muon import muon_available
+
+    ok, why = muon_available()
+    assert ok, why
+
+
+def test_dist_muon_is_skipped_with_a_note_without_emerging_optimizers(monkeypatch):
+    from megatron_spectra.bench import muon
+
+    monkeypatch.setattr(muon, "muon_available", lambda: (False, "ModuleNotFoundError: No module named 'emerging_optimizers'"))
+    logged = []
+    report = bench.benchmark([], 32, 1, ["adam", "dist-muon"], log=lambda *a, **k: logged.append(a[0]))
+    assert "dist-muon skipped" in logged[0] and "emerging-optimizers==0.3.0" in logged[0]
+    assert report["config"]["notes"] == logged
+    assert "dist-muon skipped" in bench.format_report(report)
 
 
 def test_unknown_names_are_refused():

@@ -9,7 +9,9 @@ clipped once (by its owner, or by the holders of its lines with one Gram all-red
 on every process. Per call: an 8-int all-gather to check that the processes agree and none
 has bad input, one all-to-all to the compute layout, the clips (same-shape owner matrices batched), one
 all-reduce for all Gram matrices (one per stage in accurate mode's rare multi-stage case),
-one for all vector norms, and one all-to-all back.
+one for all vector norms, and one all-to-all back. Owners are balanced by each clip's
+FLOPs, with the k x k products of the mode's Newton-Schulz (accurate mode: its typical
+step count).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from ..ops.finite import finite_flags
 from ..ops.soft_clip import ClipNumerics, Reducer, clip_vector, clip_wide
 from .agreement import (
     FINE, LayoutMismatch, check_problems, encode, fingerprint, gather_fingerprints, gather_layouts, local_problem,
@@ -30,7 +33,7 @@ from .agreement import (
 )
 from .exchange import Exchange
 from .placement import Placement
-from .plan import Plan, TensorPlan, build_plan
+from .plan import ACCURATE_PRODUCTS, PAPER_PRODUCTS, Plan, TensorPlan, build_plan
 
 
 class NonFiniteInput(ValueError):
@@ -99,7 +102,7 @@ class ShardedClipper:
         self.stats = ClipStats()
         device = tensors[0].device if tensors else torch.device("cpu")
         local = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0, device=device)
-        finite = bool(torch.isfinite(local).all())
+        finite = bool(finite_flags([local]).all())
         plan = self._plan_for(placements, names, thresholds, finite, device, problem)
         forward, backward = self._exchanges
         workspace = forward.run(local, self.group)
@@ -136,7 +139,8 @@ class ShardedClipper:
             else:
                 layouts = gather_layouts(encoded, fingerprints, names, self.group, self.world, device)
             everyone = [remote_placements(placements, layout) for layout in layouts]
-            self._plan = build_plan(everyone, official_side=self.numerics.mode == "paper")
+            paper = self.numerics.mode == "paper"
+            self._plan = build_plan(everyone, official_side=paper, products=PAPER_PRODUCTS if paper else ACCURATE_PRODUCTS)
             ws_size = self._plan.workspace_sizes[self.rank]
             self._exchanges = (
                 Exchange.build(self._plan.forward, self.rank, self.world, ws_size),

@@ -80,10 +80,14 @@ class Plan:
     loads: list[float]  # estimated clip FLOPs per rank
 
 
-def clip_cost(rows: int, cols: int) -> float:
-    """Matmul FLOPs of one SSC: Gram and product 2·k²·n each, ~10 NS steps of 3 k³ products."""
+PAPER_PRODUCTS = 27  # k x k products of the paper's 10 Newton-Schulz steps (3 each, 3 of them exact and skipped)
+ACCURATE_PRODUCTS = 18  # accurate mode's typical 7 scaled steps (5-7 measured on Adam updates at c = 10), 3 products less 3
+
+
+def clip_cost(rows: int, cols: int, products: float = PAPER_PRODUCTS) -> float:
+    """Matmul FLOPs of one SSC: Gram and product 2·k²·n each, `products` k x k products."""
     k, n = min(rows, cols), max(rows, cols)
-    return 4.0 * k * k * n + 60.0 * k**3
+    return 4.0 * k * k * n + 2.0 * products * k**3
 
 
 def matrix_parts(p: Placement) -> list[tuple[int, int]]:
@@ -95,8 +99,10 @@ def matrix_parts(p: Placement) -> list[tuple[int, int]]:
     return [(periods * size, cols) for size in p.row_parts]
 
 
-def build_plan(placements: Sequence[Sequence[Placement]], official_side: bool = False) -> Plan:
+def build_plan(placements: Sequence[Sequence[Placement]], official_side: bool = False, products: float = PAPER_PRODUCTS) -> Plan:
     """placements[rank][tensor], already checked to agree on everything global.
+
+    Owners are balanced by each matrix's `clip_cost` with `products` k x k products.
 
     official_side: the Gram must be on the side the official code uses (rows when square),
     as paper-mode numerics depend on it: its unconverged iteration and bound are not
@@ -108,7 +114,7 @@ def build_plan(placements: Sequence[Sequence[Placement]], official_side: bool = 
     for t in range(count):
         p = placements[0][t]
         strategy = _choose_strategy(p, world, official_side)
-        tensors.append(TensorPlan(t, p, strategy, sum(clip_cost(*s) for s in matrix_parts(p)) if not p.is_vector else 0.0))
+        tensors.append(TensorPlan(t, p, strategy, sum(clip_cost(*s, products) for s in matrix_parts(p)) if not p.is_vector else 0.0))
     loads = [0.0] * world
     for tp in tensors:
         if tp.strategy == "gram":

@@ -28,12 +28,36 @@ def inverse_sqrt_newton_schulz(a_hat: torch.Tensor, steps: int) -> torch.Tensor:
     the inverse square root only down to x ~ 1e-3 (s_max/c <~ 10: see `spectra bench clip`).
     """
     eye = torch.eye(a_hat.size(-1), dtype=a_hat.dtype, device=a_hat.device)
-    y, z = a_hat.clone(), eye.expand_as(a_hat).clone()
-    for _ in range(steps):
-        t = 0.5 * (3.0 * eye - z @ y)
-        y = y @ t
-        z = t @ z
+    if not _identity_products_exact(a_hat):
+        y, z = a_hat.clone(), eye.expand_as(a_hat).clone()
+        for _ in range(steps):
+            t = 0.5 * (3.0 * eye - z @ y)
+            y = y @ t
+            z = t @ z
+        return z
+    # The same iteration with 3 of its products left out, bit for bit: the first step's two
+    # products with Z_0 = I (exact in this dtype: one nonzero term per sum) and the last
+    # step's Y, which nothing reads.
+    y, z = a_hat, None
+    for step in range(steps):
+        t = 0.5 * (3.0 * eye - (y if z is None else z @ y))
+        if step < steps - 1:
+            y = y @ t
+        z = t if z is None else t @ z
     return z
+
+
+def _identity_products_exact(x: torch.Tensor) -> bool:
+    """Does a matmul with I return the other factor unchanged here? In bf16/fp16 and in full
+    fp32, yes; fp32 matmuls allowed to round their inputs (TF32, oneDNN's bf16 under
+    float32_matmul_precision != "highest") change it, and the official result with them."""
+    if x.dtype in (torch.bfloat16, torch.float16, torch.float64):
+        return True
+    if x.dtype != torch.float32:
+        return False
+    if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return False
+    return torch.get_float32_matmul_precision() == "highest"
 
 
 # Scaled Newton: with T = γ^(-1/2) (3I - M/γ)/2 the scalar map becomes y <- φ(y/γ), so a γ
@@ -85,8 +109,9 @@ def inverse_sqrt_scaled_newton(a_hat: torch.Tensor, lo: float, tol: float) -> to
     """Â^(-1/2) for Â with spectrum in [lo, 1], accurate to about tol/2 relative."""
     eye = torch.eye(a_hat.size(-1), dtype=a_hat.dtype, device=a_hat.device)
     y, z = a_hat, None  # z = I until the first step, which saves its two products with I
-    for gamma in scaled_newton_schedule(lo, tol):
+    gammas = scaled_newton_schedule(lo, tol)
+    for i, gamma in enumerate(gammas):
         m = y if z is None else z @ y
         t = (0.5 / math.sqrt(gamma)) * (3.0 * eye - m / gamma)
-        y, z = y @ t, (t if z is None else t @ z)
+        y, z = (y @ t if i < len(gammas) - 1 else None), (t if z is None else t @ z)  # the last Y: unused
     return eye.expand_as(a_hat).clone() if z is None else z

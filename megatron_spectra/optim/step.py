@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from ..ops.finite import finite_flags
 from ..ops.soft_clip import ClipNumerics, clip_vector, clip_wide
 from .guards import NonFiniteError, check_base, check_dense, check_lr_max, nonfinite_hint
 from .schedules import ThresholdSchedule, matrix_scale
@@ -108,7 +109,7 @@ class LocalClipper:
     def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
         if not tensors:
             return None
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors])  # one device sync, not one per tensor
+        finite = finite_flags(tensors)  # one device sync, not one per tensor
         return None if bool(finite.all()) else (~finite).nonzero().flatten().tolist()
 
 
