@@ -23,6 +23,7 @@ BENCHMARKS = {  # megatron_spectra.bench.<name>: `spectra bench <name>`
     "engine": "distributed clip engine vs redundant clipping at simulated Megatron TP x DP layouts (CPU, gloo)",
     "fsdp": "Spectra-AdamW vs torch AdamW step time and bytes on an FSDP2 model (CPU gloo, or CUDA)",
     "megatron": "spectra-adamw vs Megatron's Adam: optimizer and train step time in megatron-core (TP=2 x DP=2, CPU)",
+    "cluster": "projected clip overhead at the paper's H100 layouts: per-rank FLOPs, bytes, step time (arithmetic)",
 }
 COMMANDS = {  # `spectra <name>`: (module, help line)
     "launch": ("megatron_spectra.cli.launch", "start a training run from a YAML config"),
