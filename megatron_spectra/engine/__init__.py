@@ -5,6 +5,7 @@ Public entry points: `Placement` (where a local piece sits in its full tensor),
 """
 
 from .agreement import LayoutMismatch
+from .exchange import comm_device
 from .clip import ClipStats, NonFiniteInput, ShardedClipper, clip_sharded
 from .placement import STRATEGIES, Placement, tensor_parallel, with_flat_range
 from .plan import build_plan, clip_cost
@@ -19,6 +20,7 @@ __all__ = [
     "build_plan",
     "clip_cost",
     "clip_sharded",
+    "comm_device",
     "tensor_parallel",
     "with_flat_range",
 ]

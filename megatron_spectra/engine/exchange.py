@@ -18,6 +18,13 @@ import torch.distributed as dist
 from .plan import Move
 
 
+def comm_device(group=None) -> torch.device:
+    """Where collectives over `group` take their tensors: NCCL has no CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_flat(output: torch.Tensor, input: torch.Tensor, group=None) -> None:
     """Equal-size all-gather into one flat tensor: `all_gather_single` in recent torch, which
     deprecates the older name `all_gather_into_tensor` (same collective, gloo and NCCL)."""

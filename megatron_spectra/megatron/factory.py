@@ -29,6 +29,7 @@ def get_megatron_optimizer(config: OptimizerConfig, model_chunks, config_overrid
         return _megatron_get_optimizer(config, model_chunks, config_overrides, *args, **kwargs)
     if not isinstance(config, SpectraOptimizerConfig):
         raise TypeError(f"optimizer={config.optimizer!r} needs a SpectraOptimizerConfig, got {type(config).__name__}")
+    refuse_fsdp(config.optimizer, model_chunks)
     as_adam = OptimizerConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(OptimizerConfig) if f.init})
     as_adam.optimizer = "adam"
     overrides = weight_decay_overrides(config, config_overrides)
@@ -63,3 +64,37 @@ def to_spectra(optimizer, config: SpectraOptimizerConfig, model_chunks) -> None:
             optimizer.setup_spectra(config, model_chunks)
             return
     raise TypeError(f"Spectra cannot wrap a {type(optimizer).__name__}")
+
+
+# Megatron-LM's flags for megatron-core's two FSDP wrappers, and what to use instead.
+FSDP_REFUSALS = {
+    "--use-torch-fsdp2": (
+        "megatron-core's TorchFullyShardedDataParallel turns every parameter into a DTensor shard of its "
+        "tensor-parallel piece, outside the DDP buffers Spectra's Megatron optimizers read their layout from; "
+        "use --use-distributed-optimizer (ZeRO-1: optimizer state sharded over data parallel), or, for a "
+        "PyTorch-native FSDP2 model (torchtitan), megatron_spectra.fsdp.FSDPSpectra"
+    ),
+    "--use-megatron-fsdp": (
+        "Megatron-FSDP keeps the main params as DTensor shards in its own buffers, not in the ZeRO-1 ranges "
+        "Spectra's distributed optimizer clips; use --use-distributed-optimizer (ZeRO-1: optimizer state "
+        "sharded over data parallel) instead"
+    ),
+}
+
+
+def fsdp_refusal(optimizer: str, flag: str) -> str:
+    return f"--optimizer {optimizer} does not support {flag}: {FSDP_REFUSALS[flag]}"
+
+
+def refuse_fsdp(optimizer: str, model_chunks) -> None:
+    """Raise (on every rank alike: it reads the wrapped model only) for model chunks wrapped by
+    Megatron-FSDP (`ddp_config.use_megatron_fsdp`) or holding DTensor parameters (PyTorch FSDP2:
+    megatron-core's TorchFullyShardedDataParallel, or any fully_shard)."""
+    from torch.distributed.tensor import DTensor
+
+    for chunk in model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]:
+        if getattr(getattr(chunk, "ddp_config", None), "use_megatron_fsdp", False):
+            raise ValueError(fsdp_refusal(optimizer, "--use-megatron-fsdp"))
+        name = next((n for n, p in chunk.named_parameters() if isinstance(p, DTensor)), None)
+        if name is not None:
+            raise ValueError(f"{fsdp_refusal(optimizer, '--use-torch-fsdp2')} (parameter {name!r} is a DTensor)")

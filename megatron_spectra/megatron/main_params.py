@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..engine import NonFiniteInput, ShardedClipper
+from ..engine import NonFiniteInput, ShardedClipper, comm_device
+from ..ops.finite import finite_flags
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import Base
 from ..optim.schedules import ThresholdSchedule
@@ -54,21 +55,25 @@ class EntryClipper:
             outs = self.engines[stage].clip(pieces, [e.placement for e in chosen], thresholds, [e.name for e in chosen])
         except NonFiniteInput:  # on every process: hand the tensors on to the step's finiteness check
             return [item.tensor for item in items]
-        clipped = {e.main: out for e, out in zip(chosen, outs) if e.main is not None}
+        parts = {}  # main -> its entries' outputs, in order (several: a grouped experts tensor)
+        for e, out in zip(chosen, outs):
+            if e.main is not None:
+                parts.setdefault(e.main, []).append(out.reshape(-1))
+        clipped = {main: torch.cat(outs) if len(outs) > 1 else outs[0] for main, outs in parts.items()}
         return [clipped[item.param].view_as(item.tensor) for item in items]
 
     @staticmethod
     def _piece(entry: Entry, item: Clip | None, device) -> torch.Tensor:
         if item is not None:
-            return item.tensor.reshape(-1)
+            return entry.piece_of_main(item.tensor)
         return torch.zeros(entry.placement.local_numel, device=device)
 
     def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
         """One all-reduce (MIN) of a flag over the group; the indices of this process's."""
-        device = next((e.main.device for e in self.entries if e.main is not None), torch.device("cpu"))
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors]) if tensors else torch.ones(0, dtype=torch.bool)
-        flag = finite.all().float().reshape(1).to(device)  # NCCL needs it on the GPU
+        finite = finite_flags(tensors)
+        flag = finite.all().float().reshape(1)
         if dist.is_initialized():
+            flag = flag.to(comm_device(self.group))
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return None if flag.item() == 1.0 else (~finite).nonzero().flatten().tolist()
 

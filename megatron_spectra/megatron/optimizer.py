@@ -6,8 +6,9 @@ three things:
 - the inner torch optimizer is `MainParamSpectra`: the shared SPECTRA step (eq. 2 of arXiv
   2603.14315) over the main params, each param's clip kind and alpha from its `Entry`;
 - its clipper (`EntryClipper`) sends every direction through the engine over the group of
-  processes that hold pieces of the same matrices (TP x DP for ZeRO-1, TP otherwise), so
-  each full matrix is clipped once;
+  processes that hold pieces of the same matrices (TP x DP for ZeRO-1, TP otherwise; for the
+  expert-parallel part Megatron chains on, every rank of the pipeline stage: see layouts.py),
+  so each full matrix (each expert's own) is clipped once;
 - `prepare_grads` also skips (or refuses) a step with non-finite gradients when no loss
   scaler does it, and applies the optional pre-clipping of gradients.
 Checkpoints go through Megatron's own code, with the hooks of checkpoint.py for the base's
@@ -23,13 +24,15 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 
 from . import checkpoint
+from ..engine import comm_device
+from ..ops.finite import finite_flags
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import get_base
 from ..optim.schedules import ThresholdSchedule, pre_clip_schedule
 from ..settings import config_fields
 from ..optim.step import Clipped, NonFiniteError
 from .config import SpectraOptimizerConfig
-from .layouts import Entry, make_entry, param_names, row_parts
+from .layouts import Entry, expert_entries, expert_params, make_entry, param_names, row_parts
 from .main_params import EntryClipper, MainParamSpectra
 from .update_norms import update_norms
 
@@ -53,6 +56,10 @@ class _SpectraMethods:
         self._model_config = model_chunks[0].config
         self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self._tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self._experts = expert_params(model_chunks)
+        # Megatron's param groups say which part this is: the dense one, or the expert-parallel
+        # one it chains on (over the expert data-parallel group) when EP > 1.
+        self._expert_part = any(g.get("is_expert_parallel", False) for g in getattr(self.optimizer, "param_groups", []))
         self.init_state_fn = _init_state
         self.spectra_entries: list[Entry] = []
         self.spectra_update_norms: dict = {}
@@ -100,13 +107,41 @@ class _SpectraMethods:
             dist.all_reduce(groups, op=dist.ReduceOp.MAX, group=group)
         return groups.tolist()
 
-    def _entry(self, model_param, main, flat=None) -> Entry:
+    def _entry(self, model_param, main, flat=None) -> list[Entry]:
+        """The entries of one model param: itself, or every global expert of its slot."""
         c = self.spectra_config
-        if not getattr(model_param, "allreduce", True):
-            raise NotImplementedError(f"{self._names.get(model_param)}: expert-parallel parameters are not supported yet")
         name = self._names.get(model_param, f"param{tuple(model_param.shape)}")
+        where = self._experts.get(model_param)
+        if where is not None:
+            layout, index = where
+            if not self._expert_part and layout.tp_size not in (1, self._tp_size):  # its TP group is not ours
+                raise NotImplementedError(
+                    f"{name}: with expert_model_parallel_size=1 the experts are in the dense optimizer, where "
+                    f"expert_tensor_parallel_size={layout.tp_size} must be 1 or tensor_model_parallel_size ({self._tp_size})"
+                )
+            gated = getattr(self._model_config, "gated_linear_unit", False)
+            dp_replica = self._expert_part and not self._zero and parallel_state.get_expert_data_parallel_rank() != 0
+            return expert_entries(name, model_param, main, flat, layout, index, apply_to=c.spectra_apply_to,
+                                  strategy=c.spectra_strategy, split_fc1=c.spectra_split_fc1 and gated, dp_replica=dp_replica,
+                                  replica_rank=layout.tp_rank if self._expert_part else self._tp_rank)
+        if not getattr(model_param, "allreduce", True):
+            raise NotImplementedError(
+                f"{name}: an expert-parallel parameter outside megatron-core's experts modules "
+                "(SequentialMLP, TEGroupedMLP, GroupedMLP) has no known layout"
+            )
         parts = row_parts(name, self._model_config, self._tp_size, c.spectra_split_qkv, c.spectra_split_fc1)
-        return make_entry(name, model_param, main, flat, self._tp_size, self._tp_rank, c.spectra_apply_to, parts, c.spectra_strategy)
+        return [make_entry(name, model_param, main, flat, self._tp_size, self._tp_rank, c.spectra_apply_to, parts, c.spectra_strategy)]
+
+    def _stage_group(self):
+        """Every rank of this pipeline stage (TP x DP x CP = expert TP x EP x expert DP): the
+        group that holds every expert of the stage, for the expert-parallel part."""
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        expert = (parallel_state.get_expert_tensor_parallel_world_size() * parallel_state.get_expert_model_parallel_world_size()
+                  * parallel_state.get_expert_data_parallel_world_size())
+        if group.size() != expert:
+            raise NotImplementedError(f"Spectra's expert part needs expert TP x EP x expert DP ({expert}) to span the "
+                                      f"pipeline stage's TP x DP x CP ranks ({group.size()})")
+        return group
 
     # ------------------------------------------------------------------ update norms
 
@@ -116,7 +151,7 @@ class _SpectraMethods:
         the inner optimizer's update observers get); the same on every process of the group."""
         before = {u.param: u.u for u in updates}
         after = {u.param: u.h for u in updates}
-        return update_norms(self.spectra_entries, before, after, self.spectra_clipper.group, self._tp_rank)
+        return update_norms(self.spectra_entries, before, after, self.spectra_clipper.group)
 
     def _keep_update_norms(self, updates: list[Clipped]) -> None:
         self.spectra_update_norms = self.update_norms(updates)
@@ -136,11 +171,14 @@ class _SpectraMethods:
 
     def _nonfinite_gradients(self) -> bool:
         """Whether any process of this optimizer has an inf/NaN gradient; all agree."""
-        bad = [e.name for e in self.spectra_entries if e.main is not None and e.main.grad is not None and not torch.isfinite(e.main.grad).all()]
-        flag = torch.tensor([float(bool(bad))])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.get_grad_stats_parallel_group())
-        if flag.item() == 0:
+        held = [e for e in self.spectra_entries if e.main is not None and e.main.grad is not None]
+        finite = finite_flags([e.main.grad for e in held])
+        group = self.get_grad_stats_parallel_group()
+        flag = (~finite).any().float().reshape(1).to(comm_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if flag.item() == 0:  # one host read per step, as megatron-core's own found_inf
             return False
+        bad = [e.name for e, ok in zip(held, finite.tolist()) if not ok]
         if self.spectra_config.spectra_nonfinite == "raise":
             where = f"parameter(s) {bad}" if bad else "a parameter on another rank"
             raise NonFiniteError(f"non-finite gradient in {where}; the weights were not changed")
@@ -181,9 +219,9 @@ class SpectraDistributedOptimizer(DistributedOptimizer):
                         r = self._get_model_param_range_map(model_param)["param"]
                         group, order = self.model_param_group_index_map[model_param]
                         main = self.optimizer.param_groups[group]["params"][order]
-                        entries.append(self._entry(model_param, main, (r.start, r.end)))
+                        entries += self._entry(model_param, main, (r.start, r.end))
                     else:
-                        entries.append(self._entry(model_param, None, (0, 0)))
+                        entries += self._entry(model_param, None, (0, 0))
         return entries
 
     @property
@@ -198,10 +236,16 @@ class SpectraDistributedOptimizer(DistributedOptimizer):
     def _set_main_param_and_optimizer_states(self, model_param, tensors) -> None:
         checkpoint.set_states(self, model_param, tensors)
 
+    _zero = True
+
     def _engine_group(self):
-        if self.data_parallel_group.size() != parallel_state.get_data_parallel_world_size(with_context_parallel=True):
+        if self._expert_part:
+            want = parallel_state.get_expert_data_parallel_world_size()
+        else:
+            want = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        if self.data_parallel_group.size() != want:
             raise NotImplementedError("Spectra needs one distributed-optimizer instance (num_distributed_optimizer_instances=1)")
-        return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        return self._stage_group() if self._expert_part else parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
 
 
 @_shares
@@ -211,13 +255,15 @@ class SpectraFloat16Optimizer(Float16OptimizerWithFloat16Params):
     def _entries(self) -> list[Entry]:
         entries = []
         for model_group, main_group in zip(self.float16_groups, self.fp32_from_float16_groups):
-            entries += [self._entry(m, p) for m, p in zip(model_group, main_group)]
+            entries += [e for m, p in zip(model_group, main_group) for e in self._entry(m, p)]
         for group in self.fp32_from_fp32_groups:
-            entries += [self._entry(p, p) for p in group]
+            entries += [e for p in group for e in self._entry(p, p)]
         return entries
 
+    _zero = False
+
     def _engine_group(self):
-        return parallel_state.get_tensor_model_parallel_group()
+        return self._stage_group() if self._expert_part else parallel_state.get_tensor_model_parallel_group()
 
 
 @_shares
@@ -225,10 +271,12 @@ class SpectraFP32Optimizer(FP32Optimizer):
     """fp32 without ZeRO: the model params are the main params; clipped over TP."""
 
     def _entries(self) -> list[Entry]:
-        return [self._entry(p, p) for group in self.optimizer.param_groups for p in group["params"]]
+        return [e for group in self.optimizer.param_groups for p in group["params"] for e in self._entry(p, p)]
+
+    _zero = False
 
     def _engine_group(self):
-        return parallel_state.get_tensor_model_parallel_group()
+        return self._stage_group() if self._expert_part else parallel_state.get_tensor_model_parallel_group()
 
 
 SPECTRA_CLASSES = (

@@ -7,7 +7,8 @@ at call time:
   `--spectra-*` flags;
 - `arguments.validate_args` (and the copy `initialize` imported in core_r0.16/0.17): runs
   Megatron's validation as for Adam, because for any other name it moves the run to the
-  layer-wise optimizer and switches ZeRO-1 off, which our optimizer must keep;
+  layer-wise optimizer and switches ZeRO-1 off, which our optimizer must keep; it first
+  refuses --use-torch-fsdp2 and --use-megatron-fsdp (factory.FSDP_REFUSALS says why);
 - `training.get_megatron_optimizer_config`: builds a SpectraOptimizerConfig from the args
   (warmup and length of the threshold schedule from --lr-warmup-iters and --train-iters);
 - `training.get_megatron_optimizer`: routes spectra names to our factory;
@@ -182,6 +183,7 @@ def _one_device(original):
 def _validate_as_adam(original):
     def validate_args(args, defaults={}):
         name = args.optimizer
+        _refuse_unsupported(args)
         if getattr(args, "spectra_cpu", False):
             args.distributed_backend = "gloo"
         if name in OPTIMIZERS:
@@ -192,6 +194,18 @@ def _validate_as_adam(original):
             args.optimizer = name
 
     return validate_args
+
+
+def _refuse_unsupported(args) -> None:
+    """Megatron-LM's FSDP flags, refused for the spectra names before Megatron validates or
+    builds anything (every rank parses and validates the same command line)."""
+    from ..megatron.factory import fsdp_refusal
+
+    if args.optimizer not in OPTIMIZERS:
+        return
+    for flag in ("--use-torch-fsdp2", "--use-megatron-fsdp"):
+        if getattr(args, flag[2:].replace("-", "_"), False):
+            raise ValueError(fsdp_refusal(args.optimizer, flag))
 
 
 def _log_spectra_scalars(original):

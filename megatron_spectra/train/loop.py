@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, integrity
+from ..engine import comm_device
 from ..megatron.arguments import spectra_config_from_args
 from ..megatron.scalars import spectra_scalars
 from .args import padded_vocab_size
@@ -292,11 +293,6 @@ def global_loss(reduced) -> float:
     totals = _loss_totals(reduced).to(comm_device())
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
-
-
-def comm_device() -> torch.device:
-    """Where collectives take their tensors: NCCL needs them on the GPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _float(value):

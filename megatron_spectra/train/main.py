@@ -11,6 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..engine import comm_device
 from .args import parse_args
 from .logs import quiet_known_warnings
 
@@ -44,8 +45,7 @@ def run(args, **hooks) -> dict:
     )
     try:
         set_seed(args.seed)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        return Trainer(args, device, **hooks).run()
+        return Trainer(args, comm_device(), **hooks).run()
     finally:
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

@@ -3,6 +3,7 @@
 - `megatron`: the built-in trainer at test size (tiny-GPT flags, layout-independent weights
   seeded by name, per-step records and a NaN-gradient hook) and the single-process
   reference run with `optim.Spectra` on the trainer's own batches;
+- `core_loop`: megatron-core's own loop (model chunks, MoE) and its single-process reference;
 - `fsdp`: FSDP runs of the benchmark's tiny LLaMA and their single-process reference;
 - `fsdp_workers`, `torchtitan_workers`: what the FSDP tests' two launches run.
 

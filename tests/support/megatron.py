@@ -197,16 +197,18 @@ def reference(argv: list[str], spectra_kwargs: dict) -> list[float]:
 
 
 @contextlib.contextmanager
-def megatron_world(tp: int = 1, pp: int = 1, seed: int = SEED):
-    """megatron on CPU with parallel_state for tp x pp over the existing (gloo) default group,
-    seeded; torn down afterwards."""
+def megatron_world(tp: int = 1, pp: int = 1, seed: int = SEED, **parallel):
+    """megatron on CPU with parallel_state for tp x pp (and `parallel`: initialize_model_parallel's
+    expert_model_parallel_size, virtual_pipeline_model_parallel_size, ...) over the existing
+    (gloo) default group, seeded; torn down afterwards."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 
     from megatron_spectra.megatron.cpu import megatron_on_cpu
 
+    _router_without_te()
     with megatron_on_cpu():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, **parallel)
         torch.manual_seed(seed)
         model_parallel_cuda_manual_seed(seed)
         try:
@@ -214,3 +216,13 @@ def megatron_world(tp: int = 1, pp: int = 1, seed: int = SEED):
         finally:
             get_cuda_rng_tracker().reset()
             parallel_state.destroy_model_parallel()
+
+
+def _router_without_te() -> None:
+    """megatron-core 0.16.1's MoE router asks `te_general_gemm is not None` in a module that
+    only defines the name when Transformer Engine imports (NameError without TE); its own
+    torch.mm fallback is what None selects."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
