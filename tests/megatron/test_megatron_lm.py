@@ -18,9 +18,14 @@ missing):
 - a checkout: `git clone https://github.com/NVIDIA/Megatron-LM && git -C Megatron-LM checkout
   core_v0.16.1` (any release core_r0.16 .. 0.19), then MEGATRON_LM=<that path>;
 - Megatron-LM's imports on this path: `pip install triton pybind11 six regex pydantic pyyaml`
-  (pybind11: it compiles its dataset helpers with `make`, which calls `python3`; the test
-  puts this interpreter first on PATH, so the checkout's .python-version does not matter);
+  (scripts/install.sh installs them when MEGATRON_LM is set);
 - for the checkpoint tests `pip install psutil`; for the TensorBoard test `pip install tensorboard`.
+Megatron-LM compiles its dataset helpers (megatron/core/datasets/helpers_cpp*.so) with
+`make`, which asks `python3` and `python3-config`; a checkout's .python-version names 3.12,
+so under pyenv those resolve to 3.12 and a 3.11 run fails ("MockGPTDataset failed to build as
+a mock data generator"). The test builds the helpers first for the interpreter that runs it,
+with both names pointing at that interpreter (and PYENV_VERSION set to it under pyenv), in
+its own runs as in Megatron-LM's rebuild check.
 Releases from 0.18 on target Python 3.12; on 3.11 the one 3.12 feature on this path,
 `typing.override` (a no-op decorator), is supplied by a sitecustomize in the test's PYTHONPATH.
 """
@@ -78,8 +83,13 @@ def _requirements(extra: dict | None = None):
 
 def _env(tmp: Path) -> dict:
     env = dict(os.environ)
-    # Megatron-LM builds its dataset helpers with `make`, which calls `python3`: make it ours.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Megatron-LM builds its dataset helpers with `make`, which calls `python3` and
+    # `python3-config`: both must be this interpreter, whatever pyenv or a venv would pick.
+    env["PATH"] = os.pathsep.join([str(_this_python(tmp)), env.get("PATH", "")])
+    version = ".".join(map(str, sys.version_info[:3]))
+    pyenv_root = Path(env.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    if (pyenv_root / "versions" / version).is_dir():  # pyenv shims elsewhere on PATH: the same version
+        env["PYENV_VERSION"] = version
     paths = [str(REPO)]
     if sys.version_info < (3, 12):
         shim = tmp / "py312"
@@ -92,10 +102,40 @@ def _env(tmp: Path) -> dict:
     return env
 
 
+def _this_python(tmp: Path) -> Path:
+    """A folder with `python3` (this interpreter, venv included) and `python3-config` (its
+    installation's, which knows its extension suffix and headers)."""
+    import sysconfig
+
+    folder = tmp / "python-bin"
+    folder.mkdir(exist_ok=True)
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    config = Path(sysconfig.get_config_var("BINDIR")) / f"python{minor}-config"
+    if not config.is_file():
+        pytest.skip(f"no {config}: Megatron-LM's dataset helpers need this interpreter's python3-config")
+    for name, target in (("python3", sys.executable), ("python3-config", str(config))):
+        wrapper = folder / name
+        wrapper.write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
+        wrapper.chmod(0o755)
+    return folder
+
+
+def _build_helpers(checkout: Path, tmp: Path) -> None:
+    """Megatron-LM's dataset helpers for this interpreter, before the run: rank 0's own
+    `make` then finds them up to date (and a failure shows here, not as a mock-data error)."""
+    import sysconfig
+
+    datasets = checkout / "megatron" / "core" / "datasets"
+    built = subprocess.run(["make", "-C", str(datasets)], env=_env(tmp), capture_output=True, text=True)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert built.returncode == 0 and (datasets / f"helpers_cpp{suffix}").is_file(), built.stdout + built.stderr
+
+
 def _torchrun(cwd: Path, script_args: list[str], tmp: Path, timeout: float = 900, model_args=MODEL_ARGS) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
                "--master-port", str(_free_port()), *script_args, *model_args, "--spectra-cpu",
                "--spectra-log-update-norms", "--tensorboard-dir", str(tmp / "tensorboard")]
+    _build_helpers(cwd, tmp)
     done = subprocess.run(command, cwd=cwd, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     (tmp / "output.txt").write_text(output)
