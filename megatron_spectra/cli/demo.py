@@ -1,22 +1,25 @@
 """`spectra demo`: the main job.
 
-    spectra demo --out runs/demo [--steps N] [--optimizer NAME] [--lr X] [--high-lr Y] [--config FILE.yaml]
+    spectra demo --out runs/demo [--steps N] [--lrs LR ...] [--lr X] [--tp T --dp D]
+                 [--optimizer NAME] [--baseline NAME] [--config FILE.yaml] [--trainer-args ...]
 
 Pretrains a small LLaMA-style megatron-core GPT on the Python language reference (text that
-ships with CPython) with spectra-adamw through the SpectraDistributedOptimizer, and the same
-run with plain AdamW (same seed, same data), on TP=2 x DP=2 processes; then both again at a
-learning rate where AdamW's loss spikes.
+ships with CPython) with spectra-adamw and with plain AdamW (Megatron's adam), same seed and
+data, at five learning rates from 1e-3 to 1e-1 (the lr sweep, one process per run), and once
+more as a pair at TP=2 x DP=2 (4 processes, through the real SpectraDistributedOptimizer's
+TP and ZeRO shards). Then it compares each optimizer at its own best lr, and the range of lr
+over which each trains well (the paper's lr-sensitivity figure).
 
-The runs are a sweep, configs/sweeps/demo.yaml over configs/demo.yaml, with the flags below
-put on their keys (a flag left out keeps the files' value) and every run validated before
-any process starts. The launcher runs them all in one world of processes, spawned once
-(--torchrun: one torchrun per run), and the sweep collector tabulates them. --out is the
-sweep's folder: results.md and results.csv (the table), demo.png (loss curves; update
-spectral norms clipped against unclipped), summary.json, and per run <run>/ with
-config.yaml, command.txt, logs/train.log (Megatron-LM log lines) and metrics.jsonl.
+The runs are two sweeps over configs/demo.yaml: configs/sweeps/demo.yaml (the lr sweep) and
+configs/sweeps/demo-tp2dp2.yaml (the pair), with the flags below put on their keys (a flag
+left out keeps the files' value). Every run is validated before any process starts, and
+each sweep runs in one world of processes spawned once (--torchrun: one torchrun per run).
+--out holds: results.md (the finding, the best-vs-best table, the lr table, every run, and
+how each number is computed), results.csv, demo.png, summary.json (every run's curves), and
+per run <run>/ with config.yaml, command.txt, logs/train.log and metrics.jsonl.
 
-A --config YAML file sets any of these flags by their long name (`steps: 400`,
-`high_lr: 0.02`, `trainer_args: ["--spectra-mode", "accurate"]`); flags on the command line win.
+A --config YAML file sets any of these flags by their long name (`steps: 60`,
+`lrs: [1e-3, 1e-2]`, `trainer_args: ["--spectra-mode", "accurate"]`); flags on the command line win.
 """
 
 from __future__ import annotations
@@ -31,28 +34,29 @@ from ..launch.config import read_yaml
 from ..launch.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_SWEEP = CONFIGS / "sweeps" / "demo.yaml"
+LR_SWEEP, PAIR = CONFIGS / "sweeps" / "demo.yaml", CONFIGS / "sweeps" / "demo-tp2dp2.yaml"
 # The flag that sets each key, for errors about a value the user gave.
-FLAG_OF = {"training.train_iters": "--steps", "training.lr": "--lr / --high-lr", "optimizer.name": "--optimizer / --baseline",
-           "parallel.tensor_parallel": "--tp", "parallel.gpus_per_node": "--tp x --dp",
-           "training.global_batch_size": "--dp", "training.lr_warmup_iters": "--steps"}
+FLAG_OF = {"training.train_iters": "--steps", "training.lr": "--lrs / --lr", "optimizer.name": "--optimizer / --baseline",
+           "parallel.tensor_parallel": "--tp", "parallel.gpus_per_node": "--tp x --dp", "grid": "--optimizer / --baseline / --lrs",
+           "training.global_batch_size": "--dp", "training.micro_batch_size": "--dp", "data.vocab_multiple": "--tp",
+           "training.lr_warmup_iters": "--steps"}
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the main job: spectra-adamw vs AdamW pretraining, table and plot",
+    p = subparsers.add_parser("demo", help="the main job: spectra-adamw vs AdamW over an lr sweep, table and plot",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (the sweep's folder)")
+    p.add_argument("--out", required=True, help="output folder (the sweeps' folder)")
     p.add_argument("--config", default=None, help="YAML file with any of these flags (command line wins)")
-    p.add_argument("--steps", type=int, help="iterations per run (configs/demo.yaml: 120)")
+    p.add_argument("--steps", type=int, help="iterations per run (configs/demo.yaml: 100)")
     p.add_argument("--optimizer", help="the clipped optimizer (spectra-adamw|spectra-signum|spectra-ademamix)")
     p.add_argument("--baseline", help="the unclipped optimizer (Megatron's adam = AdamW)")
-    p.add_argument("--lr", type=float, help="the recipe's learning rate (1e-3)")
-    p.add_argument("--high-lr", type=float, help="the large learning rate of the second pair (1e-1; 0: no second pair)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (2)")
-    p.add_argument("--dp", type=int, help="data-parallel size (2)")
-    p.add_argument("--torchrun", action="store_true", help="one torchrun per run instead of one world of processes for all")
-    p.add_argument("--trainer-args", nargs=argparse.REMAINDER, default=None, help="more trainer flags, passed on as they are (last)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (one world)")
+    p.add_argument("--lrs", type=float, nargs="+", help="the lr sweep's learning rates (1e-3 3e-3 1e-2 3e-2 1e-1)")
+    p.add_argument("--lr", type=float, help="the learning rate of the TP x DP pair (1e-3; 0: no pair)")
+    p.add_argument("--tp", type=int, help="the pair's tensor-parallel size (2)")
+    p.add_argument("--dp", type=int, help="the pair's data-parallel size (2)")
+    p.add_argument("--torchrun", action="store_true", help="one torchrun per run instead of one world of processes per sweep")
+    p.add_argument("--trainer-args", nargs=argparse.REMAINDER, default=None, help="more trainer flags for every run, passed on as they are (last)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up on a world after this many seconds")
     p.set_defaults(run=run)
 
 
@@ -61,54 +65,75 @@ def apply_config(args: argparse.Namespace) -> None:
     values = read_yaml(args.config)
     unknown = sorted(set(values) - set(vars(args)) - {"config", "out", "run"})
     if unknown:
-        raise ConfigError(", ".join(unknown), "unknown key(s): give flags by their long name (steps, high_lr, ...)", args.config)
+        raise ConfigError(", ".join(unknown), "unknown key(s): give flags by their long name (steps, lrs, ...)", args.config)
     for key, value in values.items():
         if getattr(args, key) in (None, False):
             setattr(args, key, value)
 
 
-def demo_sweep(args: argparse.Namespace, gpus: bool):
-    """The demo's runs: the sweep file's spec, its grid from the flags, the rest as overrides."""
+def demo_sweeps(args: argparse.Namespace, gpus: bool) -> list:
+    """The lr sweep, then the TP x DP pair (none with --lr 0): the sweep files' specs with the
+    flags on their keys, every run validated."""
     from ..launch.sweep import expand_sweep
 
-    if not DEMO_SWEEP.is_file():
-        raise ConfigError("configs", f"no {DEMO_SWEEP}: spectra demo runs from a checkout (pip install -e .)")
-    spec = read_yaml(DEMO_SWEEP)
     out = Path(args.out).absolute()
-    spec["name"] = out.name  # the sweep's folder is output.root/name = --out
-    grid = dict(spec["grid"])
-    lrs = list(grid["training.lr"])
-    lrs[0] = lrs[0] if args.lr is None else args.lr
-    if args.high_lr is not None:
-        lrs = lrs[:1] + ([args.high_lr] if args.high_lr else [])
-    names = list(grid["optimizer.name"])
-    names = [args.optimizer or names[0], args.baseline or names[1]]
-    spec["grid"] = {"training.lr": lrs, "optimizer.name": names}
-    return expand_sweep(spec, DEMO_SWEEP, overrides(args, out, gpus))
+    sweeps = []
+    for path in (LR_SWEEP, PAIR):
+        if not path.is_file():
+            raise ConfigError("configs", f"no {path}: spectra demo runs from a checkout (pip install -e .)")
+        spec = read_yaml(path)
+        spec["name"] = out.name  # the sweeps' folder is output.root/name = --out
+        grid = dict(spec["grid"])
+        names = list(grid["optimizer.name"])
+        grid["optimizer.name"] = [args.optimizer or names[0], args.baseline or names[1]]
+        keys = overrides(args, out, gpus)
+        if path == PAIR:
+            if args.lr == 0:
+                continue
+            grid["training.lr"] = grid["training.lr"] if args.lr is None else [args.lr]
+            tp, dp = pair_layout(args, spec)
+            grid["parallel.tensor_parallel"] = [tp]
+            keys.update(pair_keys(tp, dp, read_yaml(CONFIGS / "demo.yaml")["training"]["global_batch_size"]))
+        elif args.lrs is not None:
+            grid["training.lr"] = list(args.lrs) if isinstance(args.lrs, (list, tuple)) else [args.lrs]
+        spec["grid"] = grid
+        sweeps.append(expand_sweep(spec, path, keys))
+    return sweeps
 
 
-def world_of(args: argparse.Namespace) -> tuple[int, int]:
-    """(TP, DP): the flags', else configs/demo.yaml's."""
-    parallel = read_yaml(CONFIGS / "demo.yaml")["parallel"]
-    tp = parallel["tensor_parallel"] if args.tp is None else args.tp
-    dp = parallel["gpus_per_node"] // parallel["tensor_parallel"] if args.dp is None else args.dp
+def pair_layout(args: argparse.Namespace, spec: dict) -> tuple[int, int]:
+    """(TP, DP) of the pair: the flags', else the pair file's."""
+    tp = spec["grid"]["parallel.tensor_parallel"][0] if args.tp is None else args.tp
+    _positive("--tp", tp)
+    dp = spec["set"]["parallel.gpus_per_node"] // tp if args.dp is None else args.dp
+    _positive("--dp", dp)
     return tp, dp
 
 
+def _positive(flag: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(flag, f"must be an integer >= 1, got {value!r}")
+
+
+def pair_keys(tp: int, dp: int, global_batch: int) -> dict:
+    """The pair's processes; its micro-batch the global batch over DP (one micro-batch per
+    iteration, as in the lr sweep), and the same padded vocabulary as at TP=1 where TP divides it."""
+    if global_batch % dp:
+        raise ConfigError("training.global_batch_size", f"{global_batch} is not divisible by DP {dp}")
+    return {"parallel.gpus_per_node": tp * dp, "training.micro_batch_size": global_batch // dp,
+            "data.vocab_multiple": 128 if 128 % tp == 0 else 64 * tp}
+
+
 def overrides(args: argparse.Namespace, out: Path, gpus: bool) -> dict:
-    tp, dp = world_of(args)
     keys = {
         "output.root": str(out.parent),
-        "parallel.tensor_parallel": tp,
-        "parallel.gpus_per_node": tp * dp,
-        "data.vocab_multiple": 64 * tp,  # --make-vocab-size-divisible-by 64 at any TP, as the demo always had
         "trainer.cpu": not gpus,
         "optimizer.spectra.ns_fp32": not gpus,  # CPUs without native bf16 matmuls run the bf16 paper mode ~100x slower
     }
     steps = args.steps
     if steps is not None:
         keys["training.train_iters"] = steps
-    if steps is not None and steps > 0:  # else validation names training.train_iters
+    if isinstance(steps, int) and steps > 0:  # else validation names training.train_iters
         keys.update({
             # The demo's lengths: 10% warm-up, WSD decay over steps // 5, an evaluation every quarter.
             "training.lr_warmup_iters": max(1, steps // 10),
@@ -120,12 +145,12 @@ def overrides(args: argparse.Namespace, out: Path, gpus: bool) -> dict:
     return keys
 
 
-def check_trainer_flags(sweep) -> str | None:
+def check_trainer_flags(sweeps: list) -> str | None:
     """The builtin trainer's parser and checks on every run's flags (--trainer-args too), here
     and now rather than in every process after the world has started: the first problem."""
     from .launch import trainer_problem
 
-    return next((f"run {run.name}: {p}" for run in sweep.runs if (p := trainer_problem(run.config))), None)
+    return next((f"run {run.name}: {p}" for s in sweeps for run in s.runs if (p := trainer_problem(run.config))), None)
 
 
 def gpus_for(size: int) -> bool:
@@ -135,56 +160,76 @@ def gpus_for(size: int) -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= size
 
 
+def plan(args: argparse.Namespace) -> list:
+    """The validated sweeps. Checked first on the CPU settings without importing torch (so a
+    bad flag is refused in well under 2 s), then built for the devices there are."""
+    if args.config:
+        apply_config(args)
+    sweeps = demo_sweeps(args, gpus=False)
+    size = max(s.runs[0].config["parallel"]["gpus_per_node"] for s in sweeps)
+    return demo_sweeps(args, gpus=True) if gpus_for(size) else sweeps
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
-        if args.config:
-            apply_config(args)
-        tp, dp = world_of(args)
-        gpus = gpus_for(tp * dp)
-        sweep = demo_sweep(args, gpus)
+        sweeps = plan(args)
     except (ConfigError, FileNotFoundError) as e:
         flag = FLAG_OF.get(getattr(e, "key", ""), "")
         print(f"error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return 2
-    problem = check_trainer_flags(sweep)
+    problem = check_trainer_flags(sweeps)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    first = sweep.runs[0].config
-    steps, tp = first["training"]["train_iters"], first["parallel"]["tensor_parallel"]
-    size = first["parallel"]["gpus_per_node"]
-    print(f"spectra demo: {len(sweep.runs)} runs of {steps} iterations on {size} processes "
-          f"(TP={tp} x DP={size // tp}, {'GPUs, NCCL' if gpus else 'CPU, gloo'}); output in {sweep.dir}", flush=True)
-    codes = start(sweep, args)
-    return report(sweep, codes, started, gpus)
+    gpus = not sweeps[0].runs[0].config["trainer"]["cpu"]
+    for s in sweeps:
+        first = s.runs[0].config
+        tp, size = first["parallel"]["tensor_parallel"], first["parallel"]["gpus_per_node"]
+        print(f"spectra demo: {len(s.runs)} runs of {first['training']['train_iters']} iterations on {size} "
+              f"process{'es' if size > 1 else ''} (TP={tp} x DP={size // tp}, {'GPUs, NCCL' if gpus else 'CPU, gloo'})", flush=True)
+    print(f"output in {sweeps[0].dir}", flush=True)
+    codes = {}
+    for s in sweeps:
+        codes.update(start(s, args))
+    return finish(sweeps, codes, started, gpus)
 
 
 def start(sweep, args) -> dict:
+    """Run a sweep's runs; in one world, a failed run (a diverged loss) stops the world, so the
+    runs after it start again in a fresh one."""
     from ..launch import runner
 
+    runner.write_listing(sweep)
     if args.torchrun:
         return runner.run_sweep_local(sweep, list(range(len(sweep.runs))))
     from ..launch.one_world import run_in_one_world
 
-    runner.write_listing(sweep)
-    return run_in_one_world([r.config for r in sweep.runs], timeout=args.timeout)
+    codes, todo = {}, [r.config for r in sweep.runs]
+    while todo:
+        codes.update(run_in_one_world(todo, timeout=args.timeout))
+        done = [c for c in todo if codes[c.name] is not None]
+        if not done:
+            break
+        todo = [c for c in todo if codes[c.name] is None]
+    return codes
 
 
-def report(sweep, codes: dict, started: float, gpus: bool) -> int:
-    from ..launch.collect import collect, to_markdown, write_outputs
+def finish(sweeps: list, codes: dict, started: float, gpus: bool) -> int:
+    from ..launch.demo_report import write_demo
 
-    results, notes = collect(sweep.dir, runs=[r.config.run_dir for r in sweep.runs])
+    runs = [r.config.run_dir for s in sweeps for r in s.runs]
+    (sweeps[0].dir / "runs.txt").write_text("".join(f"{Path(d).name}\n" for d in runs))
+    wall = time.perf_counter() - started
+    text, notes = write_demo(sweeps[0].dir, runs, n_sweep=len(sweeps[0].runs), wall=wall, backend="nccl" if gpus else "gloo")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    paths = write_outputs(sweep.dir, results, plot_name="demo.png")
-    wall = time.perf_counter() - started
-    summary = {"rows": [r.row for r in results], "wall_seconds": wall, "steps": sweep.runs[0].config["training"]["train_iters"],
-               "backend": "nccl" if gpus else "gloo"}
-    (sweep.dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print("\n" + to_markdown(results) + f"\nwall time {wall:.0f} s; {', '.join(p.name for p in paths.values())} "
-          f"and per run logs in {sweep.dir}", flush=True)
-    failed = {name: rc for name, rc in codes.items() if rc != 0}
+    print("\n" + text + f"\nwall time {wall:.0f} s; results.md, results.csv, demo.png, summary.json and per run logs in "
+          f"{sweeps[0].dir}", flush=True)
+    from ..launch.collect import DIVERGED, state_of
+
+    dirs = {Path(d).name: Path(d) for d in runs}
+    failed = {name: rc for name, rc in codes.items() if rc != 0 and state_of(dirs[name.split("/")[-1]], None) != DIVERGED}
     for name, rc in failed.items():
         print(f"error: {name}: {'not started' if rc is None else f'exit code {rc}'}", file=sys.stderr)
     return 1 if failed else 0

@@ -41,7 +41,9 @@ COLUMNS = (
     ("final_val_loss", "final val loss", ".3f"),
     ("val_ppl", "val ppl", ".4g"),
     ("largest_loss_rise", "largest loss rise", ".3f"),
-    ("max_update_norm", "max update norm after warm-up", ".3g"),
+    ("loss_noise", "batch noise", ".3f"),
+    ("max_update_norm_before", "largest ‖U‖₂ before clipping", ".3g"),
+    ("max_update_norm", "largest ‖U‖₂ after clipping", ".3g"),
     ("tokens_per_s", "tokens/s", ".0f"),
     ("optimizer_share", "optimizer step share", _ratio),
 )
@@ -53,6 +55,7 @@ class RunResult:
     row: dict
     log: RunLog
     config: dict
+    run_dir: Path | None = None
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -84,7 +87,7 @@ def collect_run(run_dir: Path, root: Path, notes: list) -> RunResult:
     tps = log.summary.get("tokens_per_s") or (log.tokens_per_second(config.get("model", {}).get("seq_length", 0)) if config else None)
     row = {
         "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
-        "state": run_state(run_dir, train.get("train_iters")),
+        "state": state_of(run_dir, train.get("train_iters")),
         "optimizer": opt.get("name"),
         "lr": train.get("lr"),
         "clip_threshold": spectra.get("clip_threshold"),
@@ -95,11 +98,27 @@ def collect_run(run_dir: Path, root: Path, notes: list) -> RunResult:
         "final_val_loss": loss,
         "val_ppl": perplexity(loss),
         "largest_loss_rise": largest_loss_rise(log),
+        "loss_noise": loss_noise(log),
+        "max_update_norm_before": max_update_norm(log, before=True),
         "max_update_norm": max_update_norm(log),
         "tokens_per_s": tps,
         "optimizer_share": log.summary.get("optimizer_share"),
     }
-    return RunResult(row, log, config)
+    return RunResult(row, log, config, run_dir)
+
+
+DIVERGED = "diverged"
+
+
+def state_of(run_dir: Path, train_iters) -> str:
+    """The runner's state, with a failed run that the trainer stopped on a non-finite loss or
+    gradient (its NonFiniteError in the log) told apart as diverged: a result, not an error."""
+    state = run_state(run_dir, train_iters)
+    if state == "failed":
+        logs = sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []
+        if any("NonFiniteError" in p.read_text(errors="replace") for p in logs):
+            return DIVERGED
+    return state
 
 
 def final_train_loss(log: RunLog) -> float | None:
@@ -129,11 +148,24 @@ def largest_loss_rise(log: RunLog) -> float | None:
     return rise
 
 
-def max_update_norm(log: RunLog) -> float | None:
-    """The largest update spectral norm as applied (after clipping), after the warm-up: the
-    standard schedule lifts the threshold to c·lr_max/lr while the lr ramps up."""
-    after = _after_warmup(log, log.update_norm_after)
-    return max(after) if after else None
+def loss_noise(log: RunLog) -> float | None:
+    """Batch-to-batch noise of the train loss after the warm-up: the standard deviation of its
+    change from one iteration to the next, over sqrt(2) (one batch's spread around the trend,
+    if the batches' errors are independent); None with fewer than 4 such iterations."""
+    losses = _after_warmup(log, log.train_loss)
+    steps = [b - a for a, b in zip(losses, losses[1:]) if math.isfinite(a) and math.isfinite(b)]
+    if len(steps) < 3:
+        return None
+    mean = sum(steps) / len(steps)
+    return math.sqrt(sum((s - mean) ** 2 for s in steps) / (len(steps) - 1) / 2)
+
+
+def max_update_norm(log: RunLog, before: bool = False) -> float | None:
+    """The largest update spectral norm over the weight matrices after the warm-up, as applied
+    (after clipping) or before: the standard schedule lifts the threshold to c·lr_max/lr while
+    the lr ramps up."""
+    values = _after_warmup(log, log.update_norm_before if before else log.update_norm_after)
+    return max(values) if values else None
 
 
 def _from_tensorboard(folder: Path, notes: list) -> RunLog | None:
@@ -205,7 +237,7 @@ def plot(results: list[RunResult], path: Path) -> bool:
         train, val = sorted(r.log.train_loss.items()), sorted(r.log.val_loss.items())
         left.plot([it for it, _ in train], [v if math.isfinite(v) else math.nan for _, v in train], color=f"C{i}", lw=1, label=label)
         left.plot([it for it, _ in val], [v for _, v in val], "o", color=f"C{i}", ms=4)
-    left.set(xlabel="iteration", ylabel="lm loss (dots: validation)", title="loss", yscale="log")
+    left.set(xlabel="iteration", ylabel="lm loss (dots: validation)", title="loss")
     left.legend(fontsize=8)
     if norms:
         _plot_norms(axes[0][1], drawn)
@@ -227,7 +259,7 @@ def _plot_norms(ax, results: list[RunResult]) -> None:
                 label=f"{r.row['run']}: {'after clipping' if c is not None else 'unclipped'}")
     for c in sorted({r.row["clip_threshold"] for r in results if r.row["clip_threshold"] is not None}):
         ax.axhline(c, color="gray", lw=0.8, ls=":", label=f"c = {c:g}")
-    ax.set(xlabel="iteration", ylabel="max over matrices of ||U||_2", title="largest update spectral norm", yscale="log")
+    ax.set(xlabel="iteration", ylabel=r"max over matrices of $\|U\|_2$ (U before lr·alpha)", title="largest update spectral norm", yscale="log")
     ax.legend(fontsize=7)
 
 

@@ -50,7 +50,10 @@ def run_in_one_world(configs: list[Config], timeout: float = 7 * 24 * 3600.0) ->
     runs = [(program(c)[1], trainer_args(c), str(c.run_dir)) for c in configs]
     try:
         with _stopped_by_signals():
-            run_distributed(_worker, configs[0]["parallel"]["gpus_per_node"], args=(runs, backend), timeout=timeout, backend=backend)
+            size = configs[0]["parallel"]["gpus_per_node"]
+            # CPU: the machine's cores shared out among the processes (a one-process world uses them all)
+            threads = max(1, (os.cpu_count() or 1) // size) if backend == "gloo" else 1
+            run_distributed(_worker, size, args=(runs, backend), timeout=timeout, backend=backend, threads=threads)
     except DistributedFailure as failure:
         _record_failure(configs, str(failure))
     except _Stopped as stop:  # the spawner has killed the processes on the way out

@@ -184,12 +184,12 @@ def test_collect_reads_the_builtin_trainers_metrics(tmp_path):
     assert clipped["state"] == COMPLETED  # from metrics.jsonl: 22 of 22, though the log stops at 20
     assert clipped["final_train_loss"] == pytest.approx(2.0) and clipped["final_val_loss"] == 2.5
     assert clipped["largest_loss_rise"] == pytest.approx(0.5)  # 3.0 -> 3.5 after the first 10% (2 iterations)
-    assert clipped["max_update_norm"] == 9.9  # iteration 1 is warm-up
+    assert clipped["max_update_norm"] == 9.9 and clipped["max_update_norm_before"] == 30.0  # iteration 1 is warm-up
     assert clipped["tokens_per_s"] == 1234.0 and clipped["optimizer_share"] == 0.2 and clipped["clip_threshold"] == 10.0
     assert baseline["state"] == FAILED and baseline["largest_loss_rise"] == float("inf")
     assert baseline["clip_threshold"] is None  # its config's spectra section is defaults it never used
     table = to_markdown(results)
-    assert "| max update norm after warm-up |" in table and "| 20% |" in table and "diverged" in table
+    assert "| largest ‖U‖₂ after clipping |" in table and "| 20% |" in table and "diverged" in table
     megatron_only = [r for r in results if r.row["run"] == "clipped"]
     megatron_only[0].row.update(max_update_norm=None, optimizer_share=None)
     assert "optimizer step share" not in to_markdown(megatron_only)  # a column no run has is left out
