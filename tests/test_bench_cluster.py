@@ -50,8 +50,8 @@ def test_rank_work_matches_hand_formulas():
     layout = Layout(run.tp, run.dp)
     matrices = [i for i, p in enumerate(params) if p.is_matrix]
     placements = [[rank_placements(params, layout, r, "auto")[i] for i in matrices] for r in range(layout.world)]
-    plan = build_plan(placements, official_side=True)
-    work = cluster.rank_work(plan, (2, 30))  # the paper's count, as the plan's cost model
+    plan = build_plan(placements, official_side=True, products=30)  # the official count in both
+    work = cluster.rank_work(plan, (2, 30))
     # Every matrix clipped once, whole, by one owner (at this size), at 4k²n + 60k³.
     assert all(t.strategy == "owner" for t in plan.tensors)
     assert sum(w.flops for w in work) == sum(ssc_flops(*params[i].shape) for i in matrices)
