@@ -9,6 +9,7 @@ run that exceeds `timeout` seconds kills every child and raises: a test never ha
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -35,12 +36,24 @@ def _child(fn, rank, world_size, port, args, results, backend, threads):
     torch.set_num_threads(threads)
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        results.put((rank, True, fn(rank, world_size, *args)))
+        results.put((rank, True, _packed(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _packed(value) -> bytes:
+    """The value as plain bytes: a tensor put on the queue as is travels as a file descriptor
+    that the parent fetches from the child, which may have exited by then."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _unpacked(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def run_distributed(fn, world_size: int, args: tuple = (), timeout: float = 300.0, backend: str = "gloo", threads: int = 1):
@@ -79,7 +92,7 @@ def _run(fn, world_size, args, timeout, backend, threads, stop_at_first_error: b
             except queue.Empty:
                 done = sorted(outcomes)
                 raise DistributedFailure(f"{fn.__name__}: only ranks {done} of {world_size} finished within {timeout}s") from None
-            outcomes[rank] = (ok, value)
+            outcomes[rank] = (ok, _unpacked(value) if ok else value)
             if not ok and stop_at_first_error:
                 break  # the others may be stuck in a collective with the failed one
     finally:

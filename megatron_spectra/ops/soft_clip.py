@@ -187,9 +187,9 @@ def clip_vector(u: torch.Tensor, c: float, numerics: ClipNumerics, norm: torch.T
         norm = u.norm() if norm is None else norm.to(u.dtype)
         if numerics.post == "normalize":
             return u / (norm + 1e-7)
-        if norm <= c:
-            return u
-        return u / torch.sqrt(1 + (norm / c) ** 2)
+        # The official `u if norm <= c else u / sqrt(...)`, chosen on the device: the same
+        # values, without a host read per vector.
+        return torch.where(norm <= c, u, u / torch.sqrt(1 + (norm / c) ** 2))
     norm = torch.linalg.vector_norm(u.float()) if norm is None else norm.float()
     # h_c(s)/s = 1/sqrt(1 + s²/c²) written as c/hypot(c, s) so that a huge s cannot overflow.
     scale = c / torch.hypot(torch.as_tensor(c, dtype=norm.dtype, device=norm.device), norm)
