@@ -33,12 +33,14 @@ fi
 # its wheel lists CUDA-only dependencies (transformer-engine, mamba-ssm, causal-conv1d, ...),
 # so it and the two NVIDIA packages its training modules import at load time go in without
 # dependencies, then the pure-Python packages those imports need (datasets brings pyarrow and
-# pandas). Transformer Engine is stood in by the test. Optional: the test skips without it.
+# pandas; triton because megatron-core's inference modules, which Bridge imports, import it
+# unconditionally). Transformer Engine is stood in by the test. Optional: the test skips without it.
 if "$PY" -c "import importlib.metadata as m, sys; sys.exit(not m.version('megatron-core').startswith(('0.15.', '0.16.')))" \
     && ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.bridge') is None)" 2>/dev/null; then
     "$PY" -m pip install -q --no-deps "megatron-bridge==0.3.1" "nvidia-resiliency-ext==0.4.1" "nvidia-modelopt==0.40.0" \
         && "$PY" -m pip install -q "transformers==4.57.6" "huggingface-hub<1.0" "datasets==5.0.1" "omegaconf==2.4.0" \
             "einops==0.8.2" "rich" "tqdm" "defusedxml" "nvidia-ml-py" "pulp" "torchprofile==0.1.0" \
+            "triton==3.9.0" "six" "pydantic" "scipy" "tensorboard" \
         || echo "install.sh: megatron-bridge not installed; tests/megatron/test_megatron_bridge.py will be skipped" >&2
 fi
 # With MEGATRON_LM naming a Megatron-LM checkout (tests/megatron/test_megatron_lm.py): what
