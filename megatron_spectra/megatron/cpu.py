@@ -120,6 +120,23 @@ class _Stream:
         return True
 
 
+def cpu_as_one_device(original):
+    """Megatron-LM's (and Bridge's) _initialize_distributed sets up megatron's model-parallel
+    groups, and _set_random_seed seeds the TP RNG tracker, only when
+    `torch.cuda.device_count() > 0`; for these calls the CPU counts as one device (the
+    set_device and CUDA seeding they do are redirected here)."""
+
+    def one_device(*args, **kwargs):
+        count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = count
+
+    return one_device
+
+
 def _synchronize(*args, **kwargs):
     pass
 

@@ -127,7 +127,7 @@ def _patch(module, name: str, wrap) -> None:
 
 
 def _switch_to_cpu(training) -> None:
-    from ..megatron.cpu import enable_megatron_cpu
+    from ..megatron.cpu import cpu_as_one_device, enable_megatron_cpu
 
     enable_megatron_cpu()  # raises on a machine with CUDA: megatron would silently leave the GPU idle
     # validate_args insists on it with TP on pre-Blackwell devices (our stand-in is 0.0);
@@ -153,31 +153,13 @@ def _switch_to_cpu(training) -> None:
     _patch(arguments, "get_device_arch_version", lambda original: lambda: 0)
 
     for name in ("_initialize_distributed", "_set_random_seed"):
-        _patch(initialize, name, _one_device)
+        _patch(initialize, name, cpu_as_one_device)
     try:  # core_r0.16 only: CUDA extensions built with nvcc; the CPU path uses none of them
         import megatron.legacy.fused_kernels as fused_kernels
 
         _patch(fused_kernels, "load", lambda original: lambda *args, **kwargs: None)
     except ImportError:
         pass
-
-
-def _one_device(original):
-    """_initialize_distributed sets up megatron's model-parallel groups, and _set_random_seed
-    seeds the TP RNG tracker, only when `torch.cuda.device_count() > 0`; for these calls the
-    CPU counts as one device (the set_device and CUDA seeding they do are redirected by cpu.py)."""
-
-    def one_device(*args, **kwargs):
-        import torch
-
-        count = torch.cuda.device_count
-        torch.cuda.device_count = lambda: 1
-        try:
-            return original(*args, **kwargs)
-        finally:
-            torch.cuda.device_count = count
-
-    return one_device
 
 
 def _validate_as_adam(original):

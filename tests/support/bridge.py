@@ -106,23 +106,13 @@ def bridge_on_cpu():
     import megatron.bridge.training.initialize as initialize
     import megatron.bridge.training.setup as setup
 
-    from megatron_spectra.megatron.cpu import megatron_on_cpu
-
-    def one_device(original):
-        def call(*args, **kwargs):
-            count = torch.cuda.device_count
-            torch.cuda.device_count = lambda: 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                torch.cuda.device_count = count
-        return call
+    from megatron_spectra.megatron.cpu import cpu_as_one_device, megatron_on_cpu
 
     def no_cuda(original):
         return lambda *args, **kwargs: original(*args, **{**kwargs, "allow_no_cuda": True})
 
     patches = [(setup, "initialize_megatron", no_cuda), (setup, "set_jit_fusion_options", lambda o: lambda *a, **k: None),
-               (initialize, "_set_random_seed", one_device), (initialize, "compile_helpers", _built_helpers)]
+               (initialize, "_set_random_seed", cpu_as_one_device), (initialize, "compile_helpers", _built_helpers)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     with megatron_on_cpu():
         for owner, name, wrap in patches:
