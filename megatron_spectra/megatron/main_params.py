@@ -118,6 +118,10 @@ class MainParamSpectra(SpectraStep, torch.optim.AdamW):
         self.base_lr, self.threshold_base_lr = base_lr, threshold_base_lr  # the official base_lr: --lr
         self.init_step(clipper)
 
+    # The Megatron optimizer's prepare_grads (or its loss scaler) has checked the gradients over
+    # all its processes, and skipped or raised, before this step runs: not a second all-reduce.
+    gradients_checked_before = True
+
     def spec_of(self, group: dict, param: torch.Tensor, name: str) -> Entry:
         return self.specs[param]
 

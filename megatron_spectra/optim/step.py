@@ -193,6 +193,7 @@ class SpectraStep:
     track_update_norms: bool = False
     base_lr: float | None = None
     threshold_base_lr: str = "global"
+    gradients_checked_before: bool = False  # True where the caller's own step checked them over these processes
 
     def init_step(self, clipper: Clipper) -> None:
         self.clipper = clipper
@@ -257,7 +258,9 @@ class SpectraStep:
         self._pre_clipped = False
         params = [(group, p, spec) for group, p, spec in self._specs() if p.grad is not None]
         check_dense(params)
-        if not self._finite_or_skip([p.grad for _, p, _ in params], [s.name for *_, s in params], "gradient"):
+        grads_ok = self.gradients_checked_before or self._finite_or_skip(
+            [p.grad for _, p, _ in params], [s.name for *_, s in params], "gradient")
+        if not grads_ok:
             return loss
         moved = [(group, p, spec, self._direction(group, p)) for group, p, spec in params]  # lr 0 too
         moved = [(group, p, spec, u) for group, p, spec, u in moved if group["lr"] != 0]
