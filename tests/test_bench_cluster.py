@@ -50,7 +50,7 @@ def test_rank_work_matches_hand_formulas():
     layout = Layout(run.tp, run.dp)
     matrices = [i for i, p in enumerate(params) if p.is_matrix]
     placements = [[rank_placements(params, layout, r, "auto")[i] for i in matrices] for r in range(layout.world)]
-    plan = build_plan(placements, official_side=True, products=30)  # the official count in both
+    plan = build_plan(placements, paper=True, products=30)  # the official count in both
     work = cluster.rank_work(plan, (2, 30))
     # Every matrix clipped once, whole, by one owner (at this size), at 4k²n + 60k³.
     assert all(t.strategy == "owner" for t in plan.tensors)
@@ -66,7 +66,7 @@ def test_rank_work_matches_hand_formulas():
         shapes.setdefault(t.units[0].rank, set()).add(tuple(sorted(params[i].shape)))
     assert [w.matmuls for w in work] == [32 * len(shapes.get(r, ())) for r in range(layout.world)]
     # The whole model's plan (norms by the vector rule too) adds only the vectors' bytes.
-    full = cluster.rank_work(cluster.plan_for(run, "paper"), (2, 30))
+    full = cluster.rank_work(cluster.plan_for(run, "paper", 30), (2, 30))
     assert [w.flops for w in full] == pytest.approx([w.flops for w in work])
 
 
@@ -84,7 +84,7 @@ def test_links_times_and_baseline():
     # Across nodes: a two-node layout sends some of its bytes over InfiniBand.
     # Across nodes: the output layer, spread over DP ranks 0-7 and 8, reaches its owner partly over InfiniBand.
     wide_vocab = cluster.Run("tiny", Model("tiny", 1, 64, 4, 128, 6144), 32, 16, 1, nodes=2, tp=1, dp=16)
-    work = cluster.rank_work(cluster.plan_for(wide_vocab, "paper"), (2, 30))
+    work = cluster.rank_work(cluster.plan_for(wide_vocab, "paper", 30), (2, 30))
     ib = [w.ib_bytes for w in work]
     assert sum(s for s, _ in ib) == sum(r for _, r in ib) > 0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_spectra.engine import LayoutMismatch, Placement, ShardedClipper, build_plan
-from megatron_spectra.engine.plan import matrix_parts
+from megatron_spectra.engine.plan import clip_cost, matrix_parts
 from megatron_spectra.ops import ClipNumerics, soft_spectral_clip
 from megatron_spectra.launch.spawn import run_all_failures, run_distributed
 
@@ -127,6 +127,29 @@ def test_engine_matches_single_process_clip(world, tp, mode):
             assert err <= 1.0, f"rank {rank} {name}: relative error {err:.2f} x its tolerance"
 
 
+def _gram_flops(rank, world, mode):
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(400, 16, generator=gen)
+    p = Placement((400, 16), flat=(6400 * rank // world, 6400 * (rank + 1) // world), strategy="gram")
+    clipper = ShardedClipper(None, ClipNumerics(mode, fp32=True), count_flops=True)
+    (out,) = clipper.clip([p.piece_of(full)], [p], 2.0, ["w"])
+    single = ShardedClipper(None, ClipNumerics(mode, fp32=True), count_flops=True)
+    single.world, single.rank = 1, 0  # the same clip in this process alone
+    (alone,) = single.clip([full.reshape(-1)], [Placement((400, 16))], 2.0, ["w"])
+    return clipper.stats.clip_flops, single.stats.clip_flops, out, p.piece_of(alone.view(400, 16))
+
+
+@pytest.mark.parametrize("mode", ["paper", "accurate"])
+def test_a_gram_matrix_has_its_root_computed_once(mode):
+    """The lines' products split over their holders and the k x k root runs on one process:
+    the group's FLOPs add up to one clip's, and every holder applies the same factor."""
+    results = run_distributed(_gram_flops, 4, args=(mode,), timeout=120)
+    assert sum(f for f, *_ in results) == results[0][1]
+    assert max(f for f, *_ in results) > 2 * min(f for f, *_ in results)  # the root's rank does more
+    for _, _, out, want in results:
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
 def _mismatch(rank, world):
     p = Placement((8, 4), tp_dim=0, tp_size=2, tp_block=rank % 2)
     q = Placement((8, 4) if rank != 2 else (8, 6), tp_dim=0 if rank != 2 else None)
@@ -212,12 +235,20 @@ def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks():
             s, e = max(lo, offset) - offset, min(hi, offset + n) - offset
             placements[rank].append(Placement((r, c), flat=(s, e) if s < e else (0, 0)))
         offset += n
-    plan = build_plan(placements)
-    # At 8 processes even the 50304 x 768 embedding goes to an owner: 8 copies of its Gram
-    # root would cost more than the one owner's whole clip.
-    assert {tp.strategy for tp in plan.tensors} == {"owner"}
-    mean = sum(plan.loads) / world
-    assert max(plan.loads) <= 1.25 * mean, [round(x / mean, 3) for x in plan.loads]
+    # Paper mode: every matrix with an owner (the official clip bit for bit). Accurate mode:
+    # the 50304 x 768 embedding and output layer by Gram (line work 4k²n >= the root's
+    # 2·18·k³), their lines where ZeRO put them, each root computed once.
+    for paper, products in ((True, 27), (False, 18)):
+        plan = build_plan(placements, paper=paper, products=products)
+        gram = [tp for tp in plan.tensors if tp.strategy == "gram"]
+        assert [tp.index for tp in gram] == ([] if paper else [0, len(shapes) - 1])
+        assert all(0 <= tp.root < world for tp in gram)
+        for tp in gram:  # no line moves: every unit is computed where it is held
+            held = {r for r in range(world) if placements[r][tp.index].local_numel}
+            assert {u.rank for u in tp.units} <= held
+        mean = sum(plan.loads) / world
+        assert max(plan.loads) <= 1.1 * mean, [round(x / mean, 3) for x in plan.loads]
+        assert sum(plan.loads) == pytest.approx(sum(clip_cost(*shape, products) for shape in shapes))
 
 
 def _accurate_flops(rank, world, products):

@@ -12,9 +12,11 @@ ranges: `bench.simulated`), builds the engine's real clip plan over all ranks
   final product) and `square` products of 2·k³ (Newton-Schulz), counted by running
   `soft_spectral_clip` on a small matrix: paper mode (bf16) at most the official 2 and 30,
   4·k²·n + 60·k³; accurate mode (fp32) at the stated s_max/c, on which its step count depends.
-- matmul launches: an owner batches its same-shape matrices into one bmm per product.
+- matmul launches: an owner batches its same-shape matrices into one bmm per product; a
+  Gram matrix's line products run on every holder, its root's products on its root rank.
 - bytes: the plan's all-to-all moves (fp32) each way, split into NVLink (same node, 8 GPUs)
-  and InfiniBand (other nodes); the Gram strategy's k x k all-reduce where the plan uses it.
+  and InfiniBand (other nodes); the Gram strategy's two k x k all-reduces (Gram, factor)
+  where the plan uses it.
 
 Projected overhead = forward all-to-all + the busiest rank's clip + backward all-to-all (no
 overlap), each from the stated rates; the baseline step is 6·N·tokens at the stated MFU of
@@ -166,18 +168,18 @@ class RankWork:
     ib_bytes: tuple[int, int] = (0, 0)
 
 
-def plan_for(run: Run, mode: str):
+def plan_for(run: Run, mode: str, square_products: float):
     from ..engine.plan import build_plan
 
     layout = Layout(run.tp, run.dp)
     params = model_params(run.model)
     placements = [rank_placements(params, layout, r, "auto") for r in range(layout.world)]
-    return build_plan(placements, official_side=mode == "paper")
+    return build_plan(placements, paper=mode == "paper", products=square_products)
 
 
 def rank_work(plan, mode_products: tuple[int, int]) -> list[RankWork]:
     """Each rank's clip FLOPs, matmul launches and all-to-all bytes under `plan`."""
-    from ..engine.plan import matrix_parts
+    from ..engine.plan import gram_k, matrix_parts
 
     work = [RankWork() for _ in range(plan.world)]
     owned = [defaultdict(int) for _ in range(plan.world)]  # rank -> wide shape -> matrices
@@ -192,14 +194,15 @@ def rank_work(plan, mode_products: tuple[int, int]) -> list[RankWork]:
                 k, n = min(rows, cols), max(rows, cols)
                 work[rank].flops += clip_flops(k, n, mode_products)
                 owned[rank][(k, n)] += 1
-        else:  # Gram: lines split over their holders, the k x k root on every rank
-            rows, cols = p.matrix_shape
-            k = cols if p.tp_dim != 1 else rows
+        else:  # Gram: lines split over their holders, each k x k root on its root rank
+            k, parts = gram_k(p), len(matrix_parts(p))
             line, square = mode_products
             for r in range(plan.world):
                 mine = sum(u.end - u.start for u in tp.units if u.rank == r)
-                work[r].flops += 2.0 * line * k * mine + 2.0 * square * k**3
-                work[r].matmuls += per_matrix
+                work[r].flops += 2.0 * line * k * mine
+                work[r].matmuls += line * parts
+            work[tp.root].flops += parts * 2.0 * square * k**3
+            work[tp.root].matmuls += parts * square
     for r, shapes in enumerate(owned):
         work[r].matmuls += per_matrix * len(shapes)  # one batched product per shape group
     sent = [[0, 0] for _ in range(plan.world)]  # [nvlink, ib]
@@ -216,13 +219,14 @@ def rank_work(plan, mode_products: tuple[int, int]) -> list[RankWork]:
 
 
 def gram_allreduce_bytes(plan) -> int:
-    """fp32 bytes each rank moves in the ring all-reduce of the Gram-strategy k x k Grams."""
+    """fp32 bytes each rank moves in the ring all-reduces of the Gram-strategy k x k Grams
+    and of their factors (computed on each matrix's root rank, shared as a sum)."""
+    from ..engine.plan import gram_k, matrix_parts
+
     total = 0
     for tp in plan.tensors:
         if tp.strategy == "gram" and not tp.placement.is_vector:
-            rows, cols = tp.placement.matrix_shape
-            k = cols if tp.placement.tp_dim != 1 else rows
-            total += FP32 * k * k
+            total += 2 * FP32 * gram_k(tp.placement) ** 2 * len(matrix_parts(tp.placement))
     return int(2 * (plan.world - 1) / plan.world * total)
 
 
@@ -299,7 +303,7 @@ def benchmark(models: list[str], modes: list[str], rates: Rates, ratio: float = 
         run = paper_run(name)
         for mode in modes:
             mp = products(mode, ratio)
-            plan = plan_for(run, mode)
+            plan = plan_for(run, mode, mp[1])
             work = rank_work(plan, mp)
             gram_bytes = gram_allreduce_bytes(plan)
             flops = [w.flops for w in work]

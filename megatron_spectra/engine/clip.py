@@ -5,13 +5,13 @@
 
 Every process passes its local piece of every tensor (the same tensors, in the same order,
 with their `Placement`), and gets back its piece of H_c(full tensor): each full matrix is
-clipped once (by its owner, or by the holders of its lines with one Gram all-reduce), never
+clipped once (by its owner, or by the holders of its lines with a Gram all-reduce), never
 on every process. Per call: an 8-int all-gather to check that the processes agree and none
 has bad input, one all-to-all to the compute layout, the clips (same-shape owner matrices batched), one
-all-reduce for all Gram matrices (one per stage in accurate mode's rare multi-stage case),
-one for all vector norms, and one all-to-all back. Owners are balanced by each clip's
-FLOPs, with the k x k products of the mode's Newton-Schulz (accurate mode: its typical
-step count).
+all-reduce for all Gram matrices and one for their k x k factors, each computed by the
+matrix's root rank (one pair per stage in accurate mode's rare multi-stage case), one for
+all vector norms, and one all-to-all back. Owners and roots are balanced by FLOPs, with
+the k x k products of the mode's Newton-Schulz (accurate mode: its typical step count).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -55,7 +55,8 @@ class ClipStats:
 class GroupReducer(Reducer):
     """Sums (maxes) many tensors with one all-reduce over a flat buffer."""
 
-    def __init__(self, group, stats: ClipStats):
+    def __init__(self, group, stats: ClipStats, meanwhile: Callable[[], None] | None = None):
+        super().__init__(meanwhile)
         self.group, self.stats = group, stats
 
     def sum_(self, tensors):
@@ -140,7 +141,7 @@ class ShardedClipper:
                 layouts = gather_layouts(encoded, fingerprints, names, self.group, self.world, device)
             everyone = [remote_placements(placements, layout) for layout in layouts]
             paper = self.numerics.mode == "paper"
-            self._plan = build_plan(everyone, official_side=paper, products=PAPER_PRODUCTS if paper else ACCURATE_PRODUCTS)
+            self._plan = build_plan(everyone, paper=paper, products=PAPER_PRODUCTS if paper else ACCURATE_PRODUCTS)
             ws_size = self._plan.workspace_sizes[self.rank]
             self._exchanges = (
                 Exchange.build(self._plan.forward, self.rank, self.world, ws_size),
@@ -165,11 +166,16 @@ class ShardedClipper:
                 elif tp.strategy == "owner":
                     owner.extend(_owner_matrices(view, tp, thresholds[tp.index]))
                 else:
-                    gram.extend(_gram_matrices(view, tp, plan, self.rank, thresholds[tp.index]))
+                    parts = _gram_matrices(view, tp, plan, self.rank, thresholds[tp.index])
+                    gram.extend(replace(m, root=tp.root == self.rank) for m in parts)
                 self.stats.strategies[tp.strategy] = self.stats.strategies.get(tp.strategy, 0) + 1
-            reducer = GroupReducer(self.group, self.stats) if self.world > 1 else Reducer()
-            self._clip_owned(owner)
+            # The owners' clips run inside the Gram matrices' clip, between their Gram and their
+            # factor all-reduce (with the roots of the Gram matrices this process computes):
+            # after the factor exchange every process would wait for the busiest root rank.
+            owned = lambda: self._clip_owned(owner)  # noqa: E731
+            reducer = GroupReducer(self.group, self.stats, owned) if self.world > 1 else Reducer(owned)
             _clip_and_write(gram, self.numerics, reducer, batch=False)
+            reducer.catch_up()
             self._clip_vectors(vectors, reducer)
         if counter is not None:
             self.stats.clip_flops = float(counter.get_total_flops())
@@ -202,6 +208,7 @@ class _Matrix:
     wide: torch.Tensor  # (k, n) view or copy
     threshold: float
     write: Callable[[torch.Tensor], None]  # puts the (wide) result where it belongs
+    root: bool = True  # a Gram matrix: this process computes its k x k factor
 
     @property
     def wide_shape(self):
@@ -219,7 +226,7 @@ def _clip_and_write(matrices: list[_Matrix], numerics: ClipNumerics, reducer: Re
         (out,) = clip_wide([torch.stack([m.wide for m in live])], [[m.threshold for m in live]], numerics)
         results = list(out)
     else:
-        results = clip_wide([m.wide for m in live], [m.threshold for m in live], numerics, reducer)
+        results = clip_wide([m.wide for m in live], [m.threshold for m in live], numerics, reducer, roots=[m.root for m in live])
     for m, r in zip(live, results):
         m.write(r)
 

@@ -7,20 +7,24 @@ assigns every element of every tensor to exactly one *unit* of compute:
 - Gram strategy: a tensor is cut into runs of whole *lines* (rows of a TP-row-split or
   unsplit matrix, whole TP column bands of a column-split one, elements of a vector), and
   each run is computed by one process. A line cut by a ZeRO range boundary moves to one of
-  its holders; lines held whole stay where they are.
+  its holders; lines held whole stay where they are. The k x k Gram is summed over the
+  group, its inverse square root is computed by one process, the tensor's *root* rank, and
+  shared with one more k x k all-reduce; every holder applies it to its own lines.
 
-The strategy "auto" picks Gram when it does not cost more compute than an owner would:
-Gram splits the line products (4·k²·n FLOPs for a k x n matrix, k the short side) over the
-processes holding lines, but every one of the P processes of the group runs the k x k
-inverse square root (~60·k³ FLOPs for 10 Newton-Schulz steps) itself. It is chosen for
-(a) vectors (the vector rule needs one scalar all-reduce), and (b) matrices so elongated that the P copies of
-the k³ part stay within GRAM_REDUNDANCY of the line work, n >= 15·P·k for 1/4: the embedding
-and output layer (V x d) in small groups. Everything else goes to an owner, balanced
-by cost: for square-ish matrices the k³ part dominates, and Gram would repeat it on every TP
-(and, without ZeRO, every DP) rank: in `spectra bench engine`, an earlier rule that used Gram
-for every matrix split by TP along its long side missed the 1.3/W FLOP target at TP > 1. Gram also needs lines along the long (or
-equal) side. `strategy="gram"` forces it where bytes matter more than FLOPs: it moves only a
-k x k all-reduce.
+Work is balanced by FLOPs: a k x n matrix (k the short side) costs 4·k²·n in its line
+products (Gram and apply) and 2·P·k³ in its root, P the mode's k x k products. Owners and
+roots are placed longest first on the least loaded process, after the Gram line work.
+
+The strategy "auto": vectors take Gram (the vector rule needs one scalar all-reduce). In
+paper mode every matrix goes to an owner: the owner's clip is the official one bit for bit,
+while a Gram summed over processes rounds in another order, which the unconverged bf16
+iteration carries to ~1e-2. In accurate mode (converged: any summation order gives the same
+clip to ~1e-6) Gram is chosen for matrices whose line work is at least their root's, n >=
+P·k/2, held by more than one process: the embedding and output layer (V x d). Their lines
+then stay where they are, and the largest single matrix no longer sets the busiest rank's
+load; square-ish matrices stay with owners, where the root is most of the work and Gram
+would only add two all-reduces. Gram also needs lines along the long (or equal) side.
+`strategy="gram"` forces it where bytes matter more: it moves only two k x k all-reduces.
 
 Elements are addressed in *block space*: a tensor's TP blocks one after another, each in
 row-major order, so every held piece is one contiguous range and every unit too.
@@ -32,8 +36,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .placement import Placement
-
-GRAM_REDUNDANCY = 0.25  # auto: P copies of the k³ root <= this x the line work
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class TensorPlan:
     index: int
     placement: Placement  # the global fields; which block a rank holds is not in here
     strategy: str  # "owner" | "gram"
-    cost: float
+    cost: float  # clip FLOPs of the whole tensor
     units: list[Unit] = field(default_factory=list)
+    root: int | None = None  # gram matrices: the rank computing the k x k inverse square root
 
 
 @dataclass
@@ -87,7 +90,12 @@ ACCURATE_PRODUCTS = 18  # accurate mode's typical 7 scaled steps (5-7 measured o
 def clip_cost(rows: int, cols: int, products: float = PAPER_PRODUCTS) -> float:
     """Matmul FLOPs of one SSC: Gram and product 2·k²·n each, `products` k x k products."""
     k, n = min(rows, cols), max(rows, cols)
-    return 4.0 * k * k * n + 2.0 * products * k**3
+    return 4.0 * k * k * n + root_cost(k, products)
+
+
+def root_cost(k: int, products: float = PAPER_PRODUCTS) -> float:
+    """FLOPs of the k x k inverse square root: `products` k x k products."""
+    return 2.0 * products * k**3
 
 
 def matrix_parts(p: Placement) -> list[tuple[int, int]]:
@@ -99,28 +107,29 @@ def matrix_parts(p: Placement) -> list[tuple[int, int]]:
     return [(periods * size, cols) for size in p.row_parts]
 
 
-def build_plan(placements: Sequence[Sequence[Placement]], official_side: bool = False, products: float = PAPER_PRODUCTS) -> Plan:
+def build_plan(placements: Sequence[Sequence[Placement]], paper: bool = False, products: float = PAPER_PRODUCTS) -> Plan:
     """placements[rank][tensor], already checked to agree on everything global.
 
-    Owners are balanced by each matrix's `clip_cost` with `products` k x k products.
+    Owners and roots are balanced by FLOPs, with `products` k x k products per root.
 
-    official_side: the Gram must be on the side the official code uses (rows when square),
-    as paper-mode numerics depend on it: its unconverged iteration and bound are not
-    side-symmetric. Accurate mode converges, so either side gives the same clip.
+    paper: paper-mode numerics. "auto" then keeps every matrix with an owner, and a Gram
+    must be on the side the official code uses (rows when square): its unconverged
+    iteration and bound are not side-symmetric. Accurate mode converges, so either side
+    gives the same clip.
     """
     world, count = len(placements), len(placements[0])
     holders = [_holders(placements, t) for t in range(count)]
     tensors = []
     for t in range(count):
         p = placements[0][t]
-        strategy = _choose_strategy(p, world, official_side)
+        strategy = _choose_strategy(p, holders[t], paper, products)
         tensors.append(TensorPlan(t, p, strategy, sum(clip_cost(*s, products) for s in matrix_parts(p)) if not p.is_vector else 0.0))
     loads = [0.0] * world
     for tp in tensors:
         if tp.strategy == "gram":
             tp.units = _gram_units(tp, holders[tp.index])
-            _add_gram_loads(tp, loads)
-    _assign_owners([tp for tp in tensors if tp.strategy == "owner"], holders, loads)
+            _add_line_loads(tp, loads)
+    _assign_work([tp for tp in tensors if not tp.placement.is_vector], holders, loads, products)
 
     local_offsets, local_sizes = _local_layout(placements)
     workspace_offsets, workspace_sizes = _workspace_layout(tensors, world)
@@ -191,31 +200,26 @@ def _line_axis(p: Placement) -> str:
     return "bands" if p.tp_dim == 1 else "rows"
 
 
-def _gram_on_short_side(p: Placement, official_side: bool) -> bool:
+def _gram_on_short_side(p: Placement, paper: bool) -> bool:
     rows, cols = p.matrix_shape
     axis = _line_axis(p)
     # rows as lines: Gram is cols x cols; bands (columns) as lines: Gram is rows x rows.
     if axis == "rows":
-        return cols < rows if official_side else cols <= rows
+        return cols < rows if paper else cols <= rows
     return rows <= cols if axis == "bands" else True
 
 
-def _choose_strategy(p: Placement, world: int, official_side: bool) -> str:
+def _choose_strategy(p: Placement, blocks, paper: bool, products: float) -> str:
     if p.is_vector:
         return "gram"  # the vector rule needs only the global norm: one scalar all-reduce
     if p.strategy != "auto":
         return p.strategy
-    if not _gram_on_short_side(p, official_side) or p.row_parts is not None and _line_axis(p) == "bands":
+    if paper or not _gram_on_short_side(p, paper) or p.row_parts is not None and _line_axis(p) == "bands":
         return "owner"
-    return "gram" if _gram_is_cheap(matrix_parts(p), world) else "owner"
-
-
-def _gram_is_cheap(shapes, participants: int) -> bool:
-    """The redundant inverse roots (60·k³ on every process) within GRAM_REDUNDANCY of the
-    distributed line work (4·k²·n), summed over the matrices SSC is applied to."""
+    spread = len({rank for pieces in blocks for rank, *_ in pieces}) > 1
+    shapes = matrix_parts(p)
     lines = sum(4.0 * min(s) ** 2 * max(s) for s in shapes)
-    roots = sum(60.0 * min(s) ** 3 for s in shapes)
-    return participants * roots <= GRAM_REDUNDANCY * lines
+    return "gram" if spread and lines >= sum(root_cost(min(s), products) for s in shapes) else "owner"
 
 
 # ----------------------------------------------------------------------------- units
@@ -269,34 +273,50 @@ def _merge(units: list[Unit]) -> list[Unit]:
     return merged
 
 
-def _add_gram_loads(tp: TensorPlan, loads: list[float]) -> None:
-    """Gram work splits with the lines; the small inverse square root runs on every process."""
+def gram_k(p: Placement) -> int:
+    """The Gram's side under the Gram strategy: columns when lines are rows, else rows."""
+    rows, cols = p.matrix_shape
+    return cols if _line_axis(p) == "rows" else rows
+
+
+def _add_line_loads(tp: TensorPlan, loads: list[float]) -> None:
+    """A Gram matrix's line products (Gram and apply, 4·k per line element) stay with its lines."""
     if tp.placement.is_vector:
         return
-    rows, cols = tp.placement.matrix_shape
-    k = cols if _line_axis(tp.placement) == "rows" else rows
-    for rank in range(len(loads)):
-        mine = sum(u.end - u.start for u in tp.units if u.rank == rank)
-        loads[rank] += 4.0 * k * mine + 60.0 * k**3
+    k = gram_k(tp.placement)
+    for u in tp.units:
+        loads[u.rank] += 4.0 * k * (u.end - u.start)
 
 
-def _assign_owners(tensors: list[TensorPlan], holders, loads: list[float]) -> None:
-    """Longest-processing-time first, preferring the process that already holds most of the
-    tensor (no traffic) unless that would push it above the balanced target."""
+def _assign_work(tensors: list[TensorPlan], holders, loads: list[float], products: float) -> None:
+    """Owners' whole clips and Gram matrices' roots, longest first. An owner prefers the
+    process that already holds most of its tensor (no traffic) unless that would push it
+    above the balanced target; a root goes where the load is least."""
     world = len(loads)
     if not tensors:
         return
-    total = sum(loads) + sum(tp.cost for tp in tensors)
-    target = max(total / world, max(tp.cost for tp in tensors)) * 1.05
-    for tp in sorted(tensors, key=lambda tp: (-tp.cost, tp.index)):
+    jobs = [(tp, tp.cost if tp.strategy == "owner" else _root_cost(tp, products)) for tp in tensors]
+    total = sum(loads) + sum(cost for _, cost in jobs)
+    target = max(total / world, max(cost for _, cost in jobs)) * 1.05
+    for tp, cost in sorted(jobs, key=lambda job: (-job[1], job[0].index)):
         held = [0] * world
-        for pieces in holders[tp.index]:
-            for rank, s, e in pieces:
-                held[rank] += e - s
-        fits = [r for r in range(world) if loads[r] + tp.cost <= target]
+        if tp.strategy == "owner":
+            for pieces in holders[tp.index]:
+                for rank, s, e in pieces:
+                    held[rank] += e - s
+        fits = [r for r in range(world) if loads[r] + cost <= target]
         rank = max(fits, key=lambda r: (held[r], -loads[r], -r)) if fits else min(range(world), key=lambda r: (loads[r], r))
-        loads[rank] += tp.cost
-        tp.units = [Unit(tp.index, b, 0, tp.placement.block_numel, rank) for b in range(tp.placement.num_blocks)]
+        loads[rank] += cost
+        if tp.strategy == "owner":
+            tp.units = [Unit(tp.index, b, 0, tp.placement.block_numel, rank) for b in range(tp.placement.num_blocks)]
+        else:
+            tp.root = rank
+
+
+def _root_cost(tp: TensorPlan, products: float) -> float:
+    """Every fused part of a Gram matrix has its own k x k root (all on the tensor's root rank)."""
+    parts = len(tp.placement.row_parts) if tp.placement.row_parts is not None else 1
+    return parts * root_cost(gram_k(tp.placement), products)
 
 
 # ----------------------------------------------------------------------------- buffers

@@ -84,10 +84,11 @@ class FSDPSpectra(Spectra):
             tensors count as replicated over it. With pipeline parallelism pass the stage's
             group, since other stages hold other parameters.
         strategy: how matrices are clipped. "auto" (default): the engine's cost model, an owner
-            per matrix (one all-to-all each way, no repeated work) and the Gram all-reduce only
-            for very elongated ones; "gram": the Gram all-reduce wherever the shards split the
-            long side (fewest bytes: a k x k all-reduce, but every rank repeats the k x k
-            inverse root), an owner elsewhere; "owner": an owner for every matrix.
+            per matrix (one all-to-all each way) and, in accurate mode, the Gram all-reduce for
+            elongated ones (n >= ~9k: embedding, output layer); "gram": the Gram all-reduce
+            wherever the shards split the long side (fewest bytes: two k x k all-reduces, the
+            k x k root computed by one rank), an owner elsewhere; "owner": an owner for every
+            matrix.
 
     Works in a single process too (plain tensors, or DTensors on a one-rank mesh).
     `track_update_norms` all-gathers each sharded matrix (`full_tensor()`) for its SVD:

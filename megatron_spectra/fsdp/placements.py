@@ -15,8 +15,8 @@ dim. torch 2.13 produces these for weights (checked against `full_tensor()` in t
 Every rank computes the global indices it holds along each tensor dim with torch's own chunk
 rules (uneven and empty chunks included; FSDP2's padding is not part of `to_local()`), checks
 that they are contiguous and match the local tensor, and describes them to the engine: rows
-as a flat range (FSDP rows are data parallel: the engine gives each matrix one owner instead
-of repeating the small inverse square root on every rank), an even split of dim 1 as
+as a flat range (FSDP rows are data parallel: the engine gives each matrix one owner, or
+under Gram one root rank), an even split of dim 1 as
 `tp_dim=1` blocks. A plain tensor is a whole copy (replicated over the clip group).
 
 The clip group is the set of ranks whose pieces make up the same full tensors: the union of
@@ -121,7 +121,7 @@ def _strategy(p: Placement, strategy: str) -> str:
     "gram" is asked for where bytes matter more than FLOPs; it pays only where the lines the
     shards hold run along the long side (FSDP rows of a tall matrix, TP column bands of a wide
     one): the all-reduce is then the small k x k Gram. Elsewhere (square or short-side splits)
-    the Gram is as large as the matrix and repeated on every rank, so the owner is used.
+    the Gram is as large as the matrix, so the owner is used.
     """
     if strategy != "gram" or p.is_vector:
         return strategy

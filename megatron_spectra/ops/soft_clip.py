@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -63,13 +63,30 @@ class ClipNumerics:
 
 
 class Reducer:
-    """Sums (or maxes) per-process partial results in place; a no-op in one process."""
+    """Sums (or maxes) per-process partial results in place; a no-op in one process.
+
+    `share_` hands every process the tensors that one process each computed (the others
+    pass zeros): the k x k factors of `clip_wide(..., roots=...)`. `meanwhile` is local work
+    to run before the first share (once; `catch_up` runs it if no share came): the caller's
+    other clips, so that no process idles at the exchange while the roots are computed."""
+
+    def __init__(self, meanwhile: Callable[[], None] | None = None):
+        self._meanwhile = meanwhile
 
     def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         pass
 
     def max_(self, tensors: Sequence[torch.Tensor]) -> None:
         pass
+
+    def share_(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.catch_up()
+        self.sum_(tensors)  # x + 0 + ... + 0 = x exactly
+
+    def catch_up(self) -> None:
+        work, self._meanwhile = self._meanwhile, None
+        if work is not None:
+            work()
 
 
 LOCAL = Reducer()
@@ -202,21 +219,25 @@ def clip_wide(
     numerics: ClipNumerics,
     reduce: Reducer = LOCAL,
     shared_bound: bool = False,
+    roots: Sequence[bool] | None = None,
 ) -> list[torch.Tensor]:
     """H_c of wide matrices X_i (k_i <= n_i), each (k, n) or a batch (b, k, n).
 
     cs[i] is X_i's threshold, or one per matrix of a batch. xs[i] may be only this process's
-    column block of X_i; `reduce` then sums the Grams over the processes holding X_i.
-    `shared_bound` takes one normalisation for a whole batch, as the official code does for
-    a batched input (paper mode); otherwise every matrix gets its own, as when the official
-    optimizer clips parameters one by one. Results come back in each input's dtype.
+    column block of X_i; `reduce` then sums the Grams over the processes holding X_i, and
+    roots[i] says whether this process computes X_i's k x k factor F (exactly one holder
+    does; `reduce.share_` hands it to the others). `shared_bound` takes one normalisation
+    for a whole batch, as the official code does for a batched input (paper mode);
+    otherwise every matrix gets its own, as when the official optimizer clips parameters
+    one by one. Results come back in each input's dtype.
     """
+    roots = [True] * len(xs) if roots is None else list(roots)
     if numerics.post == "normalize":
         return _normalize(xs, numerics, reduce)
     cs = [_per_matrix([check_threshold(v) for v in _listify(c)], x) for c, x in zip(cs, xs)]
     if numerics.mode == "paper":
-        return _paper(xs, cs, numerics, reduce, shared_bound)
-    return _accurate(xs, cs, reduce)
+        return _paper(xs, cs, numerics, reduce, shared_bound, roots)
+    return _accurate(xs, cs, reduce, roots)
 
 
 def _listify(c) -> list[float]:
@@ -235,27 +256,32 @@ def _per_matrix(cs: list[float], x: torch.Tensor) -> list[float]:
 # ----------------------------------------------------------------------------- paper mode
 
 
-def _paper(xs, cs, numerics: ClipNumerics, reduce: Reducer, shared_bound: bool) -> list[torch.Tensor]:
+def _paper(xs, cs, numerics: ClipNumerics, reduce: Reducer, shared_bound: bool, roots: list[bool]) -> list[torch.Tensor]:
     dtype = torch.float32 if numerics.fp32 else torch.bfloat16
     xs_c = [x.to(dtype) for x in xs]
     grams = [(x @ x.mT).float() for x in xs_c]  # summed in fp32, rounded back as one matmul would be
     reduce.sum_(grams)
-    outs = []
-    for x, x_in, gram, c in zip(xs_c, xs, grams, cs):
-        gram = gram.to(dtype)
-        # Upper bound on λ_max(G): min(Gershgorin, Frobenius), per matrix or over the batch.
-        gershgorin = gram.abs().sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
-        frobenius = gram.norm(dim=(-2, -1), keepdim=True)
-        if shared_bound:
-            gershgorin, frobenius = gershgorin.max(), frobenius.max()
-        s = torch.minimum(gershgorin, frobenius)
-        c2 = c[0] ** 2 if len(set(c)) == 1 else _as_batch([v**2 for v in c], gram)
-        eye = torch.eye(gram.size(-1), dtype=dtype, device=gram.device)
-        a_mat = eye + gram / c2
-        a = 1.0 + s / c2
-        z = inverse_sqrt_newton_schulz(a_mat / a, numerics.ns_steps)
-        outs.append(((z / torch.sqrt(a)) @ x).to(x_in.dtype))
-    return outs
+    factors = [_paper_factor(g.to(dtype), c, numerics, shared_bound) if mine else torch.zeros_like(g, dtype=dtype)
+               for g, c, mine in zip(grams, cs, roots)]
+    reduce.share_(factors)  # on every holder alike (a no-op in one process)
+    return [(f @ x).to(x_in.dtype) for f, x, x_in in zip(factors, xs_c, xs)]
+
+
+def _paper_factor(gram: torch.Tensor, c: list[float], numerics: ClipNumerics, shared_bound: bool) -> torch.Tensor:
+    """F = (I + G/c²)^(-1/2) as the official code computes it, from the summed Gram."""
+    dtype = gram.dtype
+    # Upper bound on λ_max(G): min(Gershgorin, Frobenius), per matrix or over the batch.
+    gershgorin = gram.abs().sum(dim=-1).amax(dim=-1, keepdim=True).unsqueeze(-1)
+    frobenius = gram.norm(dim=(-2, -1), keepdim=True)
+    if shared_bound:
+        gershgorin, frobenius = gershgorin.max(), frobenius.max()
+    s = torch.minimum(gershgorin, frobenius)
+    c2 = c[0] ** 2 if len(set(c)) == 1 else _as_batch([v**2 for v in c], gram)
+    eye = torch.eye(gram.size(-1), dtype=dtype, device=gram.device)
+    a_mat = eye + gram / c2
+    a = 1.0 + s / c2
+    z = inverse_sqrt_newton_schulz(a_mat / a, numerics.ns_steps)
+    return z / torch.sqrt(a)
 
 
 def _normalize(xs, numerics: ClipNumerics, reduce: Reducer) -> list[torch.Tensor]:
@@ -311,7 +337,7 @@ _STAGE_RATIO = 16.0
 _NS_TOL = 1e-6
 
 
-def _accurate(xs, cs, reduce: Reducer) -> list[torch.Tensor]:
+def _accurate(xs, cs, reduce: Reducer, roots: list[bool]) -> list[torch.Tensor]:
     xs32 = [x.float() for x in xs]
     amax = [_abs_max(x) for x in xs32]
     reduce.max_(amax)
@@ -327,18 +353,18 @@ def _accurate(xs, cs, reduce: Reducer) -> list[torch.Tensor]:
     while active:
         grams = [xs32[i] @ xs32[i].mT for i in active]
         reduce.sum_(grams)
-        next_active = []
-        for i, gram in zip(active, grams):
+        factors = []
+        for i, gram in zip(active, grams):  # every holder plans alike: the summed Gram is the same
             bounds = _lambda_max_bound(gram).double().tolist()
             stage_c, rescale, remaining[i] = _plan_stage(bounds, remaining[i])
+            out_scale[i] = [o * r for o, r in zip(out_scale[i], rescale)]
             # Dividing by `rescale` (the stage threshold of a matrix that has more stages to
             # go) brings its output, of spectral norm <= stage_c, back to O(1).
-            factor = _inverse_sqrt_factor(gram, stage_c, bounds) / _as_batch(rescale, gram)
-            out_scale[i] = [o * r for o, r in zip(out_scale[i], rescale)]
+            factors.append(_inverse_sqrt_factor(gram, stage_c, bounds) / _as_batch(rescale, gram) if roots[i] else torch.zeros_like(gram))
+        reduce.share_(factors)
+        for i, factor in zip(active, factors):
             xs32[i] = factor @ xs32[i]
-            if any(math.isfinite(r) for r in remaining[i]):
-                next_active.append(i)
-        active = next_active
+        active = [i for i in active if any(math.isfinite(r) for r in remaining[i])]
     return [(x * _as_batch(s, x)).to(x_in.dtype) for x, s, x_in in zip(xs32, out_scale, xs)]
 
 
