@@ -220,13 +220,14 @@ def test_a_bad_piece_is_named_in_one_process():
         ShardedClipper().clip([torch.randn(15)], [Placement((4, 4))], 1.0, ["w"])
 
 
-def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks():
-    d, ffn, vocab, layers, world = 768, 2048, 50304, 12, 8
+def _zero1_transformer(world: int):
+    """A 12-layer d=768 transformer with untied 50304 x 768 embedding and output layer, in one
+    flat ZeRO-1 buffer cut evenly into `world` ranges, ignoring tensor boundaries."""
+    d, ffn, vocab, layers = 768, 2048, 50304, 12
     shapes = [(vocab, d)]
     for _ in range(layers):
         shapes += [(3 * d, d), (d, d), (2 * ffn, d), (d, ffn)]
     shapes.append((vocab, d))
-    # ZeRO-1 style: one flat buffer, cut evenly into 8 ranges, ignoring tensor boundaries.
     sizes = [r * c for r, c in shapes]
     total, offset, placements = sum(sizes), 0, [[] for _ in range(world)]
     for (r, c), n in zip(shapes, sizes):
@@ -235,20 +236,37 @@ def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks():
             s, e = max(lo, offset) - offset, min(hi, offset + n) - offset
             placements[rank].append(Placement((r, c), flat=(s, e) if s < e else (0, 0)))
         offset += n
-    # Paper mode: every matrix with an owner (the official clip bit for bit). Accurate mode:
-    # the 50304 x 768 embedding and output layer by Gram (line work 4k²n >= the root's
-    # 2·18·k³), their lines where ZeRO put them, each root computed once.
-    for paper, products in ((True, 27), (False, 18)):
-        plan = build_plan(placements, paper=paper, products=products)
-        gram = [tp for tp in plan.tensors if tp.strategy == "gram"]
-        assert [tp.index for tp in gram] == ([] if paper else [0, len(shapes) - 1])
-        assert all(0 <= tp.root < world for tp in gram)
-        for tp in gram:  # no line moves: every unit is computed where it is held
-            held = {r for r in range(world) if placements[r][tp.index].local_numel}
-            assert {u.rank for u in tp.units} <= held
-        mean = sum(plan.loads) / world
-        assert max(plan.loads) <= 1.1 * mean, [round(x / mean, 3) for x in plan.loads]
-        assert sum(plan.loads) == pytest.approx(sum(clip_cost(*shape, products) for shape in shapes))
+    return shapes, placements
+
+
+@pytest.mark.parametrize("paper, products", [(True, 27), (False, 18)])
+def test_owner_assignment_balances_a_12_layer_transformer_at_8_ranks(paper, products):
+    shapes, placements = _zero1_transformer(8)
+    plan = build_plan(placements, paper=paper, products=products)
+    # No matrix is more than a rank's share of the work: every one goes to an owner.
+    assert {tp.strategy for tp in plan.tensors} == {"owner"}
+    mean = sum(plan.loads) / 8
+    assert max(plan.loads) <= 1.1 * mean, [round(x / mean, 3) for x in plan.loads]
+    assert sum(plan.loads) == pytest.approx(sum(clip_cost(*shape, products) for shape in shapes))
+
+
+def test_at_32_ranks_accurate_mode_splits_the_vocabulary_matrices_by_gram():
+    """Each 50304 x 768 clip is more than a rank's share at 32 ranks. Paper mode keeps it with
+    one owner (bit for bit), which then sets the busiest rank; accurate mode takes Gram: lines
+    where ZeRO put them, the root computed once, the busiest rank near the mean."""
+    shapes, placements = _zero1_transformer(32)
+    paper = build_plan(placements, paper=True, products=27)
+    assert {tp.strategy for tp in paper.tensors} == {"owner"}
+    assert max(paper.loads) == pytest.approx(clip_cost(*shapes[0], 27))
+    plan = build_plan(placements, paper=False, products=18)
+    gram = [tp for tp in plan.tensors if tp.strategy == "gram"]
+    assert [tp.index for tp in gram] == [0, len(shapes) - 1]
+    for tp in gram:
+        held = {r for r in range(32) if placements[r][tp.index].local_numel}
+        assert {u.rank for u in tp.units} <= held and 0 <= tp.root < 32  # no line moves
+    mean = sum(plan.loads) / 32
+    assert max(plan.loads) <= 1.25 * mean, [round(x / mean, 3) for x in plan.loads]
+    assert sum(plan.loads) == pytest.approx(sum(clip_cost(*shape, 18) for shape in shapes))
 
 
 def _accurate_flops(rank, world, products):

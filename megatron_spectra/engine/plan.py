@@ -19,12 +19,16 @@ The strategy "auto": vectors take Gram (the vector rule needs one scalar all-red
 paper mode every matrix goes to an owner: the owner's clip is the official one bit for bit,
 while a Gram summed over processes rounds in another order, which the unconverged bf16
 iteration carries to ~1e-2. In accurate mode (converged: any summation order gives the same
-clip to ~1e-6) Gram is chosen for matrices whose line work is at least their root's, n >=
-P·k/2, held by more than one process: the embedding and output layer (V x d). Their lines
-then stay where they are, and the largest single matrix no longer sets the busiest rank's
-load; square-ish matrices stay with owners, where the root is most of the work and Gram
-would only add two all-reduces. Gram also needs lines along the long (or equal) side.
-`strategy="gram"` forces it where bytes matter more: it moves only two k x k all-reduces.
+clip to ~1e-6) Gram is chosen for a matrix whose owner's clip alone would be more than a
+process's share of all the clip work (it would set the step time), whose line work is at
+least its root's (n >= P·k/2) and whose lines more than one process holds: the embedding
+and output layer (V x d) in large groups. Their lines then stay where they are, and the
+root alone is placed. Otherwise owners: each Gram matrix adds two all-reduces and, in
+accurate mode's multi-stage case, a Gram and a factor exchange per stage, synchronisation
+that costs more than it balances where no single matrix dominates (measured in `spectra
+bench megatron`: +7% step time at 4 processes). Gram also needs lines along the long (or
+equal) side. `strategy="gram"` forces it where bytes matter more: it moves only two k x k
+all-reduces.
 
 Elements are addressed in *block space*: a tensor's TP blocks one after another, each in
 row-major order, so every held piece is one contiguous range and every unit too.
@@ -119,11 +123,12 @@ def build_plan(placements: Sequence[Sequence[Placement]], paper: bool = False, p
     """
     world, count = len(placements), len(placements[0])
     holders = [_holders(placements, t) for t in range(count)]
+    costs = [sum(clip_cost(*s, products) for s in matrix_parts(p)) if not p.is_vector else 0.0 for p in placements[0]]
+    share = sum(costs) / world  # a process's share of all the clip work
     tensors = []
     for t in range(count):
         p = placements[0][t]
-        strategy = _choose_strategy(p, holders[t], paper, products)
-        tensors.append(TensorPlan(t, p, strategy, sum(clip_cost(*s, products) for s in matrix_parts(p)) if not p.is_vector else 0.0))
+        tensors.append(TensorPlan(t, p, _choose_strategy(p, holders[t], paper, products, costs[t] > share), costs[t]))
     loads = [0.0] * world
     for tp in tensors:
         if tp.strategy == "gram":
@@ -209,12 +214,13 @@ def _gram_on_short_side(p: Placement, paper: bool) -> bool:
     return rows <= cols if axis == "bands" else True
 
 
-def _choose_strategy(p: Placement, blocks, paper: bool, products: float) -> str:
+def _choose_strategy(p: Placement, blocks, paper: bool, products: float, oversized: bool) -> str:
+    """oversized: an owner's clip of p alone would be more than a process's share of the work."""
     if p.is_vector:
         return "gram"  # the vector rule needs only the global norm: one scalar all-reduce
     if p.strategy != "auto":
         return p.strategy
-    if paper or not _gram_on_short_side(p, paper) or p.row_parts is not None and _line_axis(p) == "bands":
+    if paper or not oversized or not _gram_on_short_side(p, paper) or p.row_parts is not None and _line_axis(p) == "bands":
         return "owner"
     spread = len({rank for pieces in blocks for rank, *_ in pieces}) > 1
     shapes = matrix_parts(p)

@@ -85,7 +85,8 @@ class FSDPSpectra(Spectra):
             group, since other stages hold other parameters.
         strategy: how matrices are clipped. "auto" (default): the engine's cost model, an owner
             per matrix (one all-to-all each way) and, in accurate mode, the Gram all-reduce for
-            elongated ones (n >= ~9k: embedding, output layer); "gram": the Gram all-reduce
+            an elongated one too large for one rank's share (embedding, output layer in large
+            groups); "gram": the Gram all-reduce
             wherever the shards split the long side (fewest bytes: two k x k all-reduces, the
             k x k root computed by one rank), an owner elsewhere; "owner": an owner for every
             matrix.
