@@ -17,7 +17,7 @@ def test_bench_megatron_tiny(tmp_path, capsys):
     from megatron_spectra.bench.muon import muon_available
 
     muon = muon_available()[0]
-    names = ["adam"] + (["dist-muon"] if muon else []) + ["spectra-paper-fp32", "redundant-paper-fp32"]
+    names = ["adam"] + (["dist-muon"] if muon else []) + ["spectra-paper-fp32", "spectra-paper-fp32-hidden", "redundant-paper-fp32"]
     out = tmp_path / "megatron.json"
     args = build_parser().parse_args([
         "bench", "megatron", "--models", "160m", "--scale", "32", "--layers", "1", "--steps", "1",
@@ -46,6 +46,9 @@ def test_bench_megatron_tiny(tmp_path, capsys):
     paper, redundant = timings["spectra-paper-fp32"]["last_loss"], timings["redundant-paper-fp32"]["last_loss"]
     assert redundant == pytest.approx(paper, rel=1e-3)
     assert paper != pytest.approx(timings["adam"]["last_loss"], rel=1e-6)  # and it is not Adam's
+    # apply_to="hidden" leaves the embedding and output layer to Adam's direction: another update.
+    hidden = timings["spectra-paper-fp32-hidden"]["last_loss"]
+    assert hidden != pytest.approx(paper, rel=1e-6) and hidden != pytest.approx(timings["adam"]["last_loss"], rel=1e-6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("emerging_optimizers") is None, reason="emerging-optimizers not installed")

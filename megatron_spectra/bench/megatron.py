@@ -19,7 +19,10 @@ to Megatron's Adam:
 - spectra-adamw paper / accurate: our optimizer, each full matrix clipped once by the engine;
 - redundant (paper): the official code's way, every rank rebuilds and clips every full
   matrix (here: one all-reduce per matrix to rebuild it from the TP x ZeRO pieces);
-- `-fp32`: the paper's 10 steps in fp32 (the default on CPU, whose bf16 matmuls are emulated).
+- `-fp32`: the paper's 10 steps in fp32 (the default on CPU, whose bf16 matmuls are emulated);
+- `-hidden`: apply_to="hidden", the matrices Muon orthogonalizes (the embedding and output
+  layer go to the plain base direction): the like-for-like row against dist-muon, where
+  the default apply_to="all" (the official code) also clips the two vocabulary matrices.
 
 The anchor is the official code on 4x H100 (DDP, redundant clipping): +18.7% step time at
 160M and +2.1% at 820M over AdamW. CPU timings on shared cores are noisy and the compute /
@@ -40,12 +43,13 @@ from .simulated import MODELS
 
 TP, DP = 2, 2
 ANCHORS = {"160m": "+18.7%", "820m": "+2.1%"}  # official code, 4x H100, redundant clipping (rebuttal Table 1)
-OPTIMIZERS = ("adam", "dist-muon", "spectra-paper", "spectra-paper-fp32", "spectra-accurate", "redundant-paper",
-              "redundant-paper-fp32")
+OPTIMIZERS = ("adam", "dist-muon", "spectra-paper", "spectra-paper-fp32", "spectra-accurate", "spectra-paper-hidden",
+              "spectra-paper-fp32-hidden", "spectra-accurate-hidden", "redundant-paper", "redundant-paper-fp32")
 # CPUs without bf16 matmul units run the paper's bf16 Newton-Schulz ~100x slower than fp32,
 # which would time the CPU's bf16 emulation, not the optimizer: there the paper's 10 steps
 # run in fp32 (its own --fp32 option), the same matmuls a GPU runs in bf16.
-CPU_DEFAULT = ("adam", "dist-muon", "spectra-paper-fp32", "spectra-accurate", "redundant-paper-fp32")
+CPU_DEFAULT = ("adam", "dist-muon", "spectra-paper-fp32", "spectra-accurate", "spectra-paper-fp32-hidden",
+               "spectra-accurate-hidden", "redundant-paper-fp32")
 
 
 # ----------------------------------------------------------------------------- one process
@@ -69,9 +73,12 @@ def _args(cfg: dict, name: str):
     flags.append("--use-distributed-optimizer")
     if name == "adam":
         return parse_args(flags + ["--optimizer", "adam"], TP * DP)
-    spectra = ["--optimizer", "spectra-adamw", "--spectra-mode", name.split("-")[1], "--spectra-clip-threshold",
+    variant = name.split("-")  # redundant|spectra, mode, then fp32 / hidden
+    spectra = ["--optimizer", "spectra-adamw", "--spectra-mode", variant[1], "--spectra-clip-threshold",
                str(cfg["threshold"]), "--spectra-clip-schedule", "constant"]
-    return parse_args(flags + spectra + (["--spectra-ns-fp32"] if name.endswith("fp32") else []), TP * DP)
+    spectra += ["--spectra-ns-fp32"] if "fp32" in variant else []
+    spectra += ["--spectra-apply-to", "hidden"] if "hidden" in variant else []
+    return parse_args(flags + spectra, TP * DP)
 
 
 def _make_redundant(optimizer) -> None:
@@ -404,7 +411,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    default = CPU_DEFAULT if not torch.cuda.is_available() else [o for o in OPTIMIZERS if not o.endswith("fp32")]
+    default = CPU_DEFAULT if not torch.cuda.is_available() else [o for o in OPTIMIZERS if "fp32" not in o]
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()] if args.optimizers else list(default)
     bad = [m for m in models if m not in MODELS] + [o for o in optimizers if o not in OPTIMIZERS]
     if bad:
