@@ -116,10 +116,8 @@ def build_plan(placements: Sequence[Sequence[Placement]], paper: bool = False, p
 
     Owners and roots are balanced by FLOPs, with `products` k x k products per root.
 
-    paper: paper-mode numerics. "auto" then keeps every matrix with an owner, and a Gram
-    must be on the side the official code uses (rows when square): its unconverged
-    iteration and bound are not side-symmetric. Accurate mode converges, so either side
-    gives the same clip.
+    paper: paper-mode numerics, under which "auto" keeps every matrix with an owner (the
+    official clip bit for bit; its unconverged iteration is not even side-symmetric).
     """
     world, count = len(placements), len(placements[0])
     holders = [_holders(placements, t) for t in range(count)]
@@ -205,12 +203,12 @@ def _line_axis(p: Placement) -> str:
     return "bands" if p.tp_dim == 1 else "rows"
 
 
-def _gram_on_short_side(p: Placement, paper: bool) -> bool:
+def _gram_on_short_side(p: Placement) -> bool:
     rows, cols = p.matrix_shape
     axis = _line_axis(p)
     # rows as lines: Gram is cols x cols; bands (columns) as lines: Gram is rows x rows.
     if axis == "rows":
-        return cols < rows if paper else cols <= rows
+        return cols <= rows
     return rows <= cols if axis == "bands" else True
 
 
@@ -220,7 +218,7 @@ def _choose_strategy(p: Placement, blocks, paper: bool, products: float, oversiz
         return "gram"  # the vector rule needs only the global norm: one scalar all-reduce
     if p.strategy != "auto":
         return p.strategy
-    if paper or not oversized or not _gram_on_short_side(p, paper) or p.row_parts is not None and _line_axis(p) == "bands":
+    if paper or not oversized or not _gram_on_short_side(p) or p.row_parts is not None and _line_axis(p) == "bands":
         return "owner"
     spread = len({rank for pieces in blocks for rank, *_ in pieces}) > 1
     shapes = matrix_parts(p)
