@@ -368,3 +368,23 @@ def test_piece_of_cuts_the_tp_block_then_the_flat_range():
     v = Placement((8,), tp_dim=0, tp_size=2, tp_block=1)  # a vector's TP split cuts its columns
     assert v.piece_of(torch.arange(8.0)).tolist() == [4.0, 5.0, 6.0, 7.0]
     assert v.embed(torch.ones(4)).tolist() == [0.0] * 4 + [1.0] * 4
+
+
+def _rank(rank, world):
+    return rank
+
+
+def test_a_port_taken_between_choosing_and_listening_is_chosen_again(monkeypatch):
+    """free_port() closes its probe socket before rank 0 listens; another process may take the
+    port in between (two test runs at once did): the world starts again on another port."""
+    import socket
+
+    from megatron_spectra.launch import spawn
+
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken, real, calls = blocker.getsockname()[1], spawn.free_port, []
+        monkeypatch.setattr(spawn, "free_port", lambda: calls.append(1) or (taken if len(calls) == 1 else real()))
+        assert run_distributed(_rank, 2, timeout=60) == [0, 1]
+    assert len(calls) == 2

@@ -105,13 +105,23 @@ def scaled_newton_schedule(lo: float, tol: float) -> list[float]:
     return gammas
 
 
-def inverse_sqrt_scaled_newton(a_hat: torch.Tensor, lo: float, tol: float) -> torch.Tensor:
-    """Â^(-1/2) for Â with spectrum in [lo, 1], accurate to about tol/2 relative."""
+def inverse_sqrt_scaled_newton(a_hat: torch.Tensor, lo: float, tol: float, a_hat_squared: torch.Tensor | None = None) -> torch.Tensor:
+    """Â^(-1/2) for Â with spectrum in [lo, 1], accurate to about tol/2 relative.
+
+    `a_hat_squared` (Â², if the caller has it) saves the first step's Y·T: with Y_0 = Â and
+    T_0 a polynomial in Â, Y_1 = Â·T_0 is a combination of Â and Â²."""
     eye = torch.eye(a_hat.size(-1), dtype=a_hat.dtype, device=a_hat.device)
     y, z = a_hat, None  # z = I until the first step, which saves its two products with I
     gammas = scaled_newton_schedule(lo, tol)
     for i, gamma in enumerate(gammas):
         m = y if z is None else z @ y
-        t = (0.5 / math.sqrt(gamma)) * (3.0 * eye - m / gamma)
-        y, z = (y @ t if i < len(gammas) - 1 else None), (t if z is None else t @ z)  # the last Y: unused
+        scale = 0.5 / math.sqrt(gamma)
+        t = scale * (3.0 * eye - m / gamma)
+        if i == len(gammas) - 1:
+            y = None  # the last Y: unused
+        elif z is None and a_hat_squared is not None:
+            y = scale * (3.0 * a_hat - a_hat_squared / gamma)
+        else:
+            y = y @ t
+        z = t if z is None else t @ z
     return eye.expand_as(a_hat).clone() if z is None else z
