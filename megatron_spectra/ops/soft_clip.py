@@ -13,7 +13,7 @@ Two numerics:
   bf16 (fp32 on request), bound s = min(Gershgorin, Frobenius) of G, a = 1 + s/c²,
   10 plain coupled Newton-Schulz steps on (I + G/c²)/a, no early exit.
 - "accurate": fp32, the relative error of every singular value s_i >= 1e-4 s_max against
-  h_c(s_i) is below 1e-3 for any s_max/c. See `_accurate` for how and why.
+  h_c(s_i) is below 1e-3 for any s_max/c. See `accurate.py` for how and why.
 
 `soft_spectral_clip` is the checked entry point (real floating dtype, finite entries, paper
 mode's range, see its doc). `clip_wide` and `clip_vector` are the optimizer's and engine's:
@@ -30,7 +30,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from .newton_schulz import inverse_sqrt_newton_schulz, inverse_sqrt_scaled_newton
+from .accurate import as_batch, clip_accurate
+from .newton_schulz import inverse_sqrt_newton_schulz
 
 Mode = Literal["paper", "accurate"]
 MODES = ("paper", "accurate")
@@ -237,7 +238,7 @@ def clip_wide(
     cs = [_per_matrix([check_threshold(v) for v in _listify(c)], x) for c, x in zip(cs, xs)]
     if numerics.mode == "paper":
         return _paper(xs, cs, numerics, reduce, shared_bound, roots)
-    return _accurate(xs, cs, reduce, roots)
+    return clip_accurate(xs, cs, reduce, roots)
 
 
 def _listify(c) -> list[float]:
@@ -276,7 +277,7 @@ def _paper_factor(gram: torch.Tensor, c: list[float], numerics: ClipNumerics, sh
     if shared_bound:
         gershgorin, frobenius = gershgorin.max(), frobenius.max()
     s = torch.minimum(gershgorin, frobenius)
-    c2 = c[0] ** 2 if len(set(c)) == 1 else _as_batch([v**2 for v in c], gram)
+    c2 = c[0] ** 2 if len(set(c)) == 1 else as_batch([v**2 for v in c], gram)
     eye = torch.eye(gram.size(-1), dtype=dtype, device=gram.device)
     a_mat = eye + gram / c2
     a = 1.0 + s / c2
@@ -307,121 +308,3 @@ def _normalize(xs, numerics: ClipNumerics, reduce: Reducer) -> list[torch.Tensor
             grams = [g.to(dtype) for g in grams]
         xs_c = [a * x + (b * g + c * g @ g) @ x for x, g in zip(xs_c, grams)]
     return [x.to(x_in.dtype) for x, x_in in zip(xs_c, xs)]
-
-
-# -------------------------------------------------------------------------- accurate mode
-#
-# Two things limit the official iteration, and each gets its own fix:
-#
-# 1. Too few steps. On an eigenvalue x of Â = (I + G/c²)/a the plain Newton step grows the
-#    small x only x2.25, so the unclipped bulk (x ~ 1/a) is still shrunk after 10 steps once
-#    s_max/c >~ 10. We use the scaled Newton schedule of `newton_schulz.py` and run it to
-#    |y - 1| <= 1e-6 (fp32 round-off level, so that differently batched runs agree to ~1e-7):
-#    9 steps at s_max/c = 100: their 27 k x k products less the first step's 3 (Z_0 = I, and
-#    Y_1 from G²) and the last, unread Y, plus G² itself: 24, with the Gram and the final
-#    product 26 matmuls against the official 32; 11 steps if the bound on s_max² is 30-fold
-#    too high; 14 steps at s_max/c = 1e4. The bound is min(Gershgorin, |G|_F, |G²|_F^(1/2)).
-#
-# 2. The Gram squares the dynamic range. fp32 rounding puts an absolute error of about
-#    eps·s_max² on G, which moves the small eigenvalues s_i² and hence h_c(s_i) by a relative
-#    eps·(s_max/c)²: harmless at 100 (6e-4 at worst, ~1e-5 measured) and fatal at 1e4.
-#    h_c composes, 1/h_{c1}(h_{c2}(s))² = 1/s² + 1/c1² + 1/c2², so for s_max/c > _ONE_STAGE
-#    we clip in stages: first at c1 = s_max/_STAGE_RATIO, which compresses the top of the
-#    spectrum and barely touches the rest, then again on the result with the remaining
-#    threshold. Each stage sees a ratio <= _ONE_STAGE, and the error stays ~eps·s_max/c.
-#
-# The input is first divided by its largest |entry| (so the Gram cannot overflow), and every
-# stage rescales its factor to keep the running matrix O(1): finite input, finite output.
-
-_ONE_STAGE = 32.0
-_STAGE_RATIO = 16.0
-_NS_TOL = 1e-6
-
-
-def _accurate(xs, cs, reduce: Reducer, roots: list[bool]) -> list[torch.Tensor]:
-    xs32 = [x.float() for x in xs]
-    amax = [_abs_max(x) for x in xs32]
-    reduce.max_(amax)
-    amax_host = [a.double().tolist() for a in amax]
-    # Non-finite in, NaN out (as paper mode's arithmetic gives): the caller's finiteness check
-    # names it. Decided on the reduced maxima, so every holder of a matrix decides alike.
-    bad = {i for i, a in enumerate(amax_host) if not all(math.isfinite(v) for v in a)}
-    scales = [[v if 0 < v < math.inf else 1.0 for v in a] for a in amax_host]  # per matrix of each item
-    xs32 = [x / _as_batch(s, x) if i not in bad else torch.full_like(x, math.nan) for i, (x, s) in enumerate(zip(xs32, scales))]
-    remaining = [[c / v for c, v in zip(cc, s)] for cc, s in zip(cs, scales)]  # threshold in running units
-    out_scale = [list(s) for s in scales]
-    active = [i for i in range(len(xs32)) if i not in bad]
-    while active:
-        grams = [xs32[i] @ xs32[i].mT for i in active]
-        reduce.sum_(grams)
-        factors = []
-        for i, gram in zip(active, grams):  # every holder plans alike: the summed Gram is the same
-            bounds = _lambda_max_bound(gram).double().tolist()
-            stage_c, rescale, remaining[i] = _plan_stage(bounds, remaining[i])
-            out_scale[i] = [o * r for o, r in zip(out_scale[i], rescale)]
-            # Dividing by `rescale` (the stage threshold of a matrix that has more stages to
-            # go) brings its output, of spectral norm <= stage_c, back to O(1).
-            factors.append(_inverse_sqrt_factor(gram, stage_c, bounds) / _as_batch(rescale, gram) if roots[i] else torch.zeros_like(gram))
-        reduce.share_(factors)
-        for i, factor in zip(active, factors):
-            xs32[i] = factor @ xs32[i]
-        active = [i for i in active if any(math.isfinite(r) for r in remaining[i])]
-    return [(x * _as_batch(s, x)).to(x_in.dtype) for x, s, x_in in zip(xs32, out_scale, xs)]
-
-
-def _abs_max(x: torch.Tensor) -> torch.Tensor:
-    """Largest |entry| per matrix; 0 for a process holding no columns of it."""
-    if x.numel() == 0:
-        return x.new_zeros(x.shape[0] if x.ndim == 3 else 1)
-    return x.abs().amax(dim=(-2, -1)).reshape(-1)
-
-
-def _plan_stage(bounds: list[float], remaining: list[float]):
-    """Per matrix: this stage's threshold, the rescale after it, and the threshold left.
-
-    A matrix with nothing left to clip (remaining = inf) gets the identity stage, c = inf.
-    """
-    stage_c, rescale, left = [], [], []
-    for s, c in zip(bounds, remaining):
-        top = math.sqrt(max(s, 0.0))
-        if math.isinf(c) or top <= _ONE_STAGE * c:
-            stage_c.append(c), rescale.append(1.0), left.append(math.inf)
-        else:
-            stage = top / _STAGE_RATIO
-            # 1/c'² = 1/c² - 1/stage²: what is left after this stage, in the rescaled units.
-            stage_c.append(stage), rescale.append(stage)
-            left.append(1.0 / math.sqrt(1.0 / c**2 - 1.0 / stage**2) / stage)
-    return stage_c, rescale, left
-
-
-def _lambda_max_bound(gram: torch.Tensor) -> torch.Tensor:
-    """min(Gershgorin, Frobenius) >= λ_max(G), per matrix, flattened over the batch."""
-    gershgorin = gram.abs().sum(dim=-1).amax(dim=-1)
-    frobenius = torch.linalg.matrix_norm(gram)
-    return torch.minimum(gershgorin, frobenius).reshape(-1)
-
-
-def _inverse_sqrt_factor(gram: torch.Tensor, cs: list[float], bounds: list[float]) -> torch.Tensor:
-    """(I + G/c²)^(-1/2) for each matrix of `gram` (k, k) or (b, k, k), with its own c.
-
-    G² costs one k x k product and pays for itself twice: |G²|_F^(1/2) = (Σλ⁴)^(1/4) bounds
-    λ_max(G) more tightly than Gershgorin and Frobenius (1.3-2.3x above it on Adam-like
-    updates, against 2.7-4x), which saves about one Newton step (3 products) where the
-    bound was loose, and Â² from G² saves the first step's Y·T."""
-    gram_sq = gram @ gram
-    tight = torch.linalg.matrix_norm(gram_sq).sqrt().reshape(-1).double().tolist()
-    bounds = [min(b, t) for b, t in zip(bounds, tight)]
-    inv_c2 = [0.0 if math.isinf(c) else 1.0 / c**2 for c in cs]
-    a = [1.0 + max(s, 0.0) * w for s, w in zip(bounds, inv_c2)]  # a >= λ_max(I + G/c²)
-    eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
-    w, scale = _as_batch(inv_c2, gram), _as_batch(a, gram)
-    a_hat = (eye + gram * w) / scale
-    a_hat_squared = (eye + gram * (2.0 * w) + gram_sq * (w * w)) / (scale * scale)  # (I + G/c²)²/a²
-    z = inverse_sqrt_scaled_newton(a_hat, lo=1.0 / max(a), tol=_NS_TOL, a_hat_squared=a_hat_squared)
-    return z / _as_batch([math.sqrt(v) for v in a], z)
-
-
-def _as_batch(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-matrix scalars shaped to broadcast against `like` ((k, n) or (b, k, n))."""
-    t = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return t.reshape(-1, 1, 1) if like.ndim == 3 else t.reshape(())
