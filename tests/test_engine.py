@@ -145,7 +145,8 @@ def test_a_gram_matrix_has_its_root_computed_once(mode):
     the group's FLOPs add up to one clip's, and every holder applies the same factor."""
     results = run_distributed(_gram_flops, 4, args=(mode,), timeout=120)
     assert sum(f for f, *_ in results) == results[0][1]
-    assert max(f for f, *_ in results) > 2 * min(f for f, *_ in results)  # the root's rank does more
+    flops = sorted(f for f, *_ in results)
+    assert flops[0] == flops[-2] < flops[-1]  # equal line work; the root's rank alone does the k x k products
     for _, _, out, want in results:
         assert torch.allclose(out, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
@@ -283,13 +284,13 @@ def _accurate_flops(rank, world, products):
 
 
 def test_accurate_mode_balances_owners_by_its_own_step_count():
-    # Accurate mode's ~7 scaled Newton steps weigh a matrix's k³ part less than the paper's
-    # 10: planned with the paper's costs, the busiest rank (counted FLOPs, 160m at 1/8 width,
-    # TP2 x DP2, bench engine's updates) does 1.07x the mean; with its own, <= 1.04x.
+    # Accurate mode's 4-5 minimax steps weigh a matrix's k³ part less than the paper's 10:
+    # planned with the paper's costs, the busiest rank (counted FLOPs, 160m at 1/8 width,
+    # TP2 x DP2, bench engine's updates) does 1.10x the mean; with its own, 1.01x.
     from megatron_spectra.engine.plan import ACCURATE_PRODUCTS, clip_cost
 
     assert clip_cost(256, 768, ACCURATE_PRODUCTS) == 4 * 256**2 * 768 + 2 * ACCURATE_PRODUCTS * 256**3
-    for products, bound in ((30, 1.10), (ACCURATE_PRODUCTS, 1.04)):
+    for products, bound in ((30, 1.15), (ACCURATE_PRODUCTS, 1.04)):
         flops = run_distributed(_accurate_flops, world_size=4, args=(products,))
         assert max(flops) <= bound * sum(flops) / 4, (products, [f / (sum(flops) / 4) for f in flops])
 

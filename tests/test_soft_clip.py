@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_spectra import normalize_singular_values, soft_spectral_clip, soft_spectral_clip_svd, spectral_clip
-from megatron_spectra.ops.newton_schulz import scaled_newton_schedule
+from megatron_spectra.bench.cluster import products
+from megatron_spectra.ops.newton_schulz import polynomial_schedule
 
 
 def make_matrix(m, n, s_max, spectrum="log", rank=None, seed=0, dtype=torch.float64):
@@ -81,13 +82,33 @@ def test_accurate_mode_extreme_values_stay_finite():
     assert torch.equal(soft_spectral_clip(torch.zeros(5, 7), 1.0, mode="accurate"), torch.zeros(5, 7))
 
 
-def test_accurate_mode_matmul_budget_at_ratio_100():
-    # Official: Gram + 10 steps x 3 + final product = 32 matmuls; we may use at most 64.
-    # A loose bound (Frobenius of a flat spectrum, sqrt(k) x s_max²) costs a few extra steps.
-    for overestimate in (1.0, 30.0):
-        a = 1 + (100.0**2) * overestimate
-        steps = len(scaled_newton_schedule(1 / a, 1e-6))
-        assert 2 + 3 * steps - 2 <= 64
+def test_accurate_mode_costs_fewer_matmuls_than_the_official_clip():
+    # Official: Gram + 10 steps x 3 + final product = 32 matmuls, at any ratio. Accurate mode
+    # grows with the ratio (clipped in stages of <= 32): counted from the code.
+    counted = {ratio: sum(products("accurate", ratio)) for ratio in (1.0, 10.0, 30.0, 100.0)}
+    assert counted[1.0] <= 8 and counted[10.0] <= 16 and counted[30.0] <= 20 and counted[100.0] <= 32, counted
+
+
+@pytest.mark.parametrize("lo", [1.0, 0.9, 0.3, 1e-2, 1e-3 / 7, 1e-6])
+@pytest.mark.parametrize("tol", [1e-3, 1e-5])
+def test_polynomial_schedule_takes_every_eigenvalue_to_within_tol(lo, tol):
+    # The schedule tracks its interval through each step's polynomial; check it on a dense grid
+    # of the spectrum it was planned for: σ = sqrt(x), x in [lo, 1].
+    sigma = torch.linspace(math.sqrt(lo), 1.0, 20001, dtype=torch.float64)
+    steps = polynomial_schedule(lo, tol)
+    for alpha, beta, gamma in steps:
+        sigma = sigma * (alpha + sigma**2 * (beta + sigma**2 * gamma))
+    assert (sigma - 1).abs().max().item() <= tol * (1 + 1e-9)
+    assert len(steps) <= 10 and (lo < 1 or not steps)
+
+
+def test_a_matrix_clips_the_same_whatever_it_is_batched_with():
+    # Each matrix follows its own schedule (shorter ones padded with T = I, exact), so its
+    # result depends on its batch-mates only through the batched matmul's rounding.
+    xs = torch.stack([make_matrix(48, 90, r, "log", seed=i)[0] for i, r in enumerate([0.5, 20, 300, 3])]).float()
+    batched = soft_spectral_clip(xs, 2.0, mode="accurate")
+    for b in range(len(xs)):
+        torch.testing.assert_close(batched[b], soft_spectral_clip(xs[b], 2.0, mode="accurate"), rtol=1e-5, atol=1e-6)
 
 
 def test_batched_matches_one_at_a_time():

@@ -5,12 +5,11 @@ Two things limit the official iteration, and each gets its own fix:
 
 1. Too few steps. On an eigenvalue x of Â = (I + G/c²)/a the plain Newton step grows the
    small x only x2.25, so the unclipped bulk (x ~ 1/a) is still shrunk after 10 steps once
-   s_max/c >~ 10. We use the scaled Newton schedule of `newton_schulz.py` and run it to
-   |y - 1| <= 1e-6 (fp32 round-off level, so that differently batched runs agree to ~1e-7):
-   9 steps at s_max/c = 100: their 27 k x k products less the first step's 3 (Z_0 = I, and
-   Y_1 from G²) and the last, unread Y, plus G² itself: 24, with the Gram and the final
-   product 26 matmuls against the official 32; 11 steps if the bound on s_max² is 30-fold
-   too high; 14 steps at s_max/c = 1e4. The bound is min(Gershgorin, |G|_F, |G²|_F^(1/2)).
+   s_max/c >~ 10. We use the minimax polynomial schedule of `newton_schulz.py`, planned per
+   matrix from its own bound and run to |σ - 1| <= 1e-5 (σ² an eigenvalue of M = Z Y).
+   Counting the Gram, G² and the final product: 5 + 2 matmuls at s_max/c = 3, 12 + 2 at 10,
+   16 + 2 at 30 (one stage), against the official 32; a bound on s_max² 30-fold too high
+   costs about one step more. The bound is min(Gershgorin, |G|_F, |G²|_F^(1/2)).
 
 2. The Gram squares the dynamic range. fp32 rounding puts an absolute error of about
    eps·s_max² on G, which moves the small eigenvalues s_i² and hence h_c(s_i) by a relative
@@ -31,14 +30,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .newton_schulz import inverse_sqrt_scaled_newton
+from .newton_schulz import add_to_diagonal, as_batch, inverse_sqrt_polynomial
 
 if TYPE_CHECKING:
     from .soft_clip import Reducer
 
 _ONE_STAGE = 32.0
 _STAGE_RATIO = 16.0
-_NS_TOL = 1e-6
+_NS_TOL = 1e-5
 
 
 def clip_accurate(xs, cs: list[list[float]], reduce: Reducer, roots: list[bool]) -> list[torch.Tensor]:
@@ -69,7 +68,7 @@ def clip_accurate(xs, cs: list[list[float]], reduce: Reducer, roots: list[bool])
             # Dividing by `rescale` (the stage threshold of a matrix that has more stages to
             # go) brings its output, of spectral norm <= stage_c, back to O(1).
             if roots[i]:
-                factors.append(_inverse_sqrt_factor(gram, gram_sq, stage_c, tight) / as_batch(rescale, gram))
+                factors.append(_inverse_sqrt_factor(gram, gram_sq, stage_c, tight, rescale))
             else:
                 factors.append(torch.zeros_like(gram))
         reduce.share_(factors)
@@ -117,22 +116,18 @@ def _lambda_max_bounds(gram: torch.Tensor, gram_sq: torch.Tensor | None) -> tupl
     return bounds, tight
 
 
-def _inverse_sqrt_factor(gram: torch.Tensor, gram_sq: torch.Tensor, cs: list[float], bounds: list[float]) -> torch.Tensor:
-    """(I + G/c²)^(-1/2) for each matrix of `gram` (k, k) or (b, k, k), with its own c.
+def _inverse_sqrt_factor(gram, gram_sq, cs: list[float], bounds: list[float], rescale: list[float]) -> torch.Tensor:
+    """(I + G/c²)^(-1/2) / rescale for each matrix of `gram` (k, k) or (b, k, k), with its own c.
 
-    G² pays for its k x k product twice: its bound saves about one Newton step (3 products)
-    where Gershgorin and Frobenius were loose, and Â² from it the first step's Y·T."""
+    G² pays for its k x k product twice: its bound saves Newton steps where Gershgorin and
+    Frobenius were loose, and Â² from it is the first step's M²."""
     inv_c2 = [0.0 if math.isinf(c) else 1.0 / c**2 for c in cs]
     a = [1.0 + max(s, 0.0) * w for s, w in zip(bounds, inv_c2)]  # a >= λ_max(I + G/c²)
-    eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
-    w, scale = as_batch(inv_c2, gram), as_batch(a, gram)
-    a_hat = (eye + gram * w) / scale
-    a_hat_squared = (eye + gram * (2.0 * w) + gram_sq * (w * w)) / (scale * scale)  # (I + G/c²)²/a²
-    z = inverse_sqrt_scaled_newton(a_hat, lo=1.0 / max(a), tol=_NS_TOL, a_hat_squared=a_hat_squared)
-    return z / as_batch([math.sqrt(v) for v in a], z)
-
-
-def as_batch(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-matrix scalars shaped to broadcast against `like` ((k, n) or (b, k, n))."""
-    t = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return t.reshape(-1, 1, 1) if like.ndim == 3 else t.reshape(())
+    # Â = (I + wG)/a and Â² = (I + 2wG + w²G²)/a², built with one pass over each k x k.
+    a_hat = add_to_diagonal(gram * as_batch([w / v for w, v in zip(inv_c2, a)], gram), as_batch([1.0 / v for v in a], gram))
+    a_hat_squared = (gram * as_batch([2.0 * w / v**2 for w, v in zip(inv_c2, a)], gram)).addcmul_(
+        gram_sq, as_batch([(w / v) ** 2 for w, v in zip(inv_c2, a)], gram)
+    )
+    add_to_diagonal(a_hat_squared, as_batch([1.0 / v**2 for v in a], gram))
+    scale = [1.0 / (math.sqrt(v) * r) for v, r in zip(a, rescale)]
+    return inverse_sqrt_polynomial(a_hat, [1.0 / v for v in a], tol=_NS_TOL, a_hat_squared=a_hat_squared, scale=scale)

@@ -1,7 +1,8 @@
 """Coupled Newton-Schulz iterations for the inverse square root of an SPD matrix.
 
-Both iterations work on Â = A / a, where a >= λ_max(A), so the spectrum of Â lies in (0, 1].
-With M = Z Y, the coupled iteration
+Both iterations, the official plain Newton and accurate mode's minimax polynomials, work on
+Â = A / a, where a >= λ_max(A), so the spectrum of Â lies in (0, 1]. With M = Z Y, the coupled
+iteration
 
     T = p(M),   Y <- Y T,   Z <- T Z          (Y_0 = Â, Z_0 = I)
 
@@ -11,14 +12,10 @@ Newton's p(y) = (3 - y)/2 gives y <- φ(y) = y (3 - y)² / 4, which fixes y = 1,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-
-
-def _phi(t: float) -> float:
-    """Newton's map on y = x z²; increasing on [0, 1], decreasing on [1, 3], zero at 3."""
-    return t * (3.0 - t) ** 2 / 4.0
 
 
 def inverse_sqrt_newton_schulz(a_hat: torch.Tensor, steps: int) -> torch.Tensor:
@@ -60,68 +57,157 @@ def _identity_products_exact(x: torch.Tensor) -> bool:
     return torch.get_float32_matmul_precision() == "highest"
 
 
-# Scaled Newton: with T = γ^(-1/2) (3I - M/γ)/2 the scalar map becomes y <- φ(y/γ), so a γ
-# that stretches the current interval [lo, hi] of y towards 3 multiplies a small y by up to
-# (9/4)·(hi/γ) instead of 9/4. We never stretch the top of the interval past _T_MAX: φ falls
-# to 0 at 3, and a rounding error that pushes an eigenvalue there would stall it for good.
-# With _T_MAX = 2.5 the small end grows x5.6 per step; step counts to |y - 1| <= 1e-4
-# (3 matmuls each): s_max/c = 10: 5 (Newton 9), 100: 8 (Newton 15), 1e4: 13 (Newton 26).
-_T_MAX = 2.5
+# Accurate mode's iteration: with T = α I + β M + γ M² the scalar map on σ = y^(1/2) is the odd
+# polynomial g(σ) = σ (α + β σ² + γ σ⁴), the quintic Muon orthogonalizes with (γ = 0: a cubic,
+# Newton's among them). Each step takes the g closest to 1 in max norm on the current interval
+# [lo, hi] of σ (a Remez exchange), the greedy choice that "The Polar Express" (Amsel et al.,
+# arXiv 2505.16932) proves optimal among compositions of odd polynomials; the interval is
+# tracked exactly through g, so the schedule needs no look at the iterates (no device-to-host
+# sync inside the loop). A quintic step costs 4 k x k products (M, M², Y·T, T·Z), a cubic 3,
+# and per product the quintic converges faster, so every step is a quintic but a last one that
+# a cubic finishes (2 products: M, T·Z). At s_max/c = 30: 5 steps, 16-17 products in all;
+# Newton scaled as well as it can be (γ = 0 throughout) needs 7-8 steps, 18-21 products.
+Coefs = tuple[float, float, float]
+_TAYLOR = {3: (1.5, -0.5, 0.0), 5: (15.0 / 8.0, -10.0 / 8.0, 3.0 / 8.0)}  # g(1+e) - 1 = O(e²), O(e³)
+_NARROW = 1e-3  # below this width the Remez system is ill-conditioned, and Taylor is as good
 
 
-def _balanced_gamma(lo: float, hi: float) -> float:
-    """γ maximising the new lower end min(φ(lo/γ), φ(hi/γ)), with hi/γ in [1, _T_MAX]."""
-    rho = lo / hi
-
-    def gap(t: float) -> float:  # increasing in t on [1, 3)
-        return _phi(t * rho) - _phi(t)
-
-    if gap(_T_MAX) <= 0.0:
-        return hi / _T_MAX
-    if gap(1.0) >= 0.0:
-        return hi
-    left, right = 1.0, _T_MAX
-    for _ in range(50):
-        mid = 0.5 * (left + right)
-        left, right = (mid, right) if gap(mid) < 0.0 else (left, mid)
-    return hi / (0.5 * (left + right))
+def _poly(coefs: Coefs, s: float) -> float:
+    alpha, beta, gamma = coefs
+    return s * (alpha + s * s * (beta + s * s * gamma))
 
 
-def scaled_newton_schedule(lo: float, tol: float) -> list[float]:
-    """The γ of every step that takes the spectrum [lo, 1] of Â to within tol of 1.
+def _turning_points(coefs: Coefs) -> list[float]:
+    """σ > 0 where g'(σ) = α + 3β σ² + 5γ σ⁴ = 0: at most a quadratic in σ²."""
+    alpha, beta, gamma = coefs
+    qa, qb = 5.0 * gamma, 3.0 * beta
+    if qa == 0.0:
+        return [math.sqrt(-alpha / qb)] if qb != 0.0 and -alpha / qb > 0.0 else []
+    disc = qb * qb - 4.0 * qa * alpha
+    if disc < 0.0:
+        return []
+    roots = ((-qb - math.sqrt(disc)) / (2.0 * qa), (-qb + math.sqrt(disc)) / (2.0 * qa))
+    return sorted(math.sqrt(t) for t in roots if t > 0.0)
 
-    The interval of y is tracked exactly through the scalar map, as Polar Express does for
-    the polar factor, so the schedule is optimal for the bound we were given and needs no
-    check of the iterates (no device-to-host sync inside the loop).
-    """
+
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """A small dense linear system, Gaussian elimination with partial pivoting."""
+    a = [row + [b] for row, b in zip(rows, rhs)]
+    n = len(a)
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            a[r] = [v - f * w for v, w in zip(a[r], a[col])]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (a[r][n] - sum(a[r][j] * x[j] for j in range(r + 1, n))) / a[r][r]
+    return x
+
+
+def _minimax(lo: float, hi: float, degree: int) -> Coefs:
+    """The odd cubic or quintic closest to 1 in max norm on [lo, hi]. It equioscillates,
+    1 ∓ E at lo, at its turning points inside and at hi; Remez moves the inner points to the
+    turning points of the last solution until they settle."""
+    if hi - lo < _NARROW:
+        return _TAYLOR[degree]
+    powers, inner = (1, 3, 5)[: (degree + 1) // 2], (degree - 1) // 2
+    points = [lo + (hi - lo) * f for f in (0.0, *[(j + 0.5) / inner for j in range(inner)], 1.0)]
+    coefs = _TAYLOR[degree]
+    for _ in range(100):
+        solution = _solve([[x**p for p in powers] + [(-1.0) ** i] for i, x in enumerate(points)], [1.0] * len(points))
+        coefs = (*solution[: len(powers)], 0.0, 0.0)[:3]
+        turning = [x for x in _turning_points(coefs) if lo < x < hi]
+        if len(turning) != inner:
+            break
+        moved = max(abs(p - q) for p, q in zip(points[1:-1], turning))
+        points = [lo, *turning, hi]
+        if moved <= 1e-14:
+            break
+    return coefs
+
+
+def _image(coefs: Coefs, lo: float, hi: float) -> tuple[float, float]:
+    """g([lo, hi]) exactly: g at the ends and at its turning points inside."""
+    values = [_poly(coefs, s) for s in (lo, hi, *[t for t in _turning_points(coefs) if lo < t < hi])]
+    return min(values), max(values)
+
+
+@functools.lru_cache(maxsize=4096)
+def polynomial_schedule(lo: float, tol: float) -> tuple[Coefs, ...]:
+    """(α, β, γ) of every step that takes the spectrum [lo, 1] of Â to |σ - 1| <= tol on the
+    eigenvalues σ² of M (Z then equals Â^(-1/2) to about tol relative)."""
     if not 0.0 < lo <= 1.0:
         raise ValueError(f"the lower spectral bound must lie in (0, 1], got {lo}")
-    hi, gammas = 1.0, []
-    while lo < 1.0 - tol or hi > 1.0 + tol:
-        gamma = _balanced_gamma(lo, hi)
-        t_lo, t_hi = lo / gamma, hi / gamma
-        lo, hi = min(_phi(t_lo), _phi(t_hi)), (1.0 if t_lo <= 1.0 <= t_hi else max(_phi(t_lo), _phi(t_hi)))
-        gammas.append(gamma)
-    return gammas
+
+    def done(lo: float, hi: float) -> bool:
+        return lo >= 1.0 - tol and hi <= 1.0 + tol
+
+    s_lo, s_hi, steps = math.sqrt(lo), 1.0, []
+    while not done(s_lo, s_hi):
+        if len(steps) == 64:
+            raise RuntimeError(f"the schedule from lo={lo} did not reach tol={tol} in 64 steps")
+        coefs = _minimax(s_lo, s_hi, 3)
+        if not done(*_image(coefs, s_lo, s_hi)):
+            coefs = _minimax(s_lo, s_hi, 5)
+        s_lo, s_hi = _image(coefs, s_lo, s_hi)
+        steps.append(coefs)
+    return tuple(steps)
 
 
-def inverse_sqrt_scaled_newton(a_hat: torch.Tensor, lo: float, tol: float, a_hat_squared: torch.Tensor | None = None) -> torch.Tensor:
-    """Â^(-1/2) for Â with spectrum in [lo, 1], accurate to about tol/2 relative.
+def _quantized(lo: float) -> float:
+    """lo rounded down to a power of 2^(1/16): a still valid bound, and few distinct schedules."""
+    return min(1.0, 2.0 ** (math.floor(16.0 * math.log2(lo)) / 16.0))
 
-    `a_hat_squared` (Â², if the caller has it) saves the first step's Y·T: with Y_0 = Â and
-    T_0 a polynomial in Â, Y_1 = Â·T_0 is a combination of Â and Â²."""
+
+def inverse_sqrt_polynomial(
+    a_hat: torch.Tensor,
+    los: list[float],
+    tol: float,
+    a_hat_squared: torch.Tensor | None = None,
+    scale: list[float] | None = None,
+) -> torch.Tensor:
+    """scale[i] · Â_i^(-1/2) for each matrix of Â ((k, k) or (b, k, k)), its spectrum in [los[i], 1].
+
+    Every matrix follows its own schedule; a shorter one is padded with T = I, which leaves
+    Z exactly as it is, so a matrix's result does not depend on what it is batched with.
+    `a_hat_squared` (Â², if the caller has it) saves the first step's M²; `scale` is folded
+    into the last step's T. T = αI + M(βI + γM) takes one pass over M besides its product."""
+    scale = [1.0] * len(los) if scale is None else scale
+    schedules = [polynomial_schedule(_quantized(lo), tol) for lo in los]
+    steps = max(len(s) for s in schedules)
     eye = torch.eye(a_hat.size(-1), dtype=a_hat.dtype, device=a_hat.device)
-    y, z = a_hat, None  # z = I until the first step, which saves its two products with I
-    gammas = scaled_newton_schedule(lo, tol)
-    for i, gamma in enumerate(gammas):
-        m = y if z is None else z @ y
-        scale = 0.5 / math.sqrt(gamma)
-        t = scale * (3.0 * eye - m / gamma)
-        if i == len(gammas) - 1:
-            y = None  # the last Y: unused
-        elif z is None and a_hat_squared is not None:
-            y = scale * (3.0 * a_hat - a_hat_squared / gamma)
+    if steps == 0:
+        return eye * as_batch(scale, a_hat)
+    y, z = a_hat, None  # z = I until the first step, which saves its products with I
+    for i in range(steps):
+        last = i == steps - 1
+        coefs = [(s[i] if i < len(s) else (1.0, 0.0, 0.0)) for s in schedules]
+        if last:
+            coefs = [(alpha * f, beta * f, gamma * f) for (alpha, beta, gamma), f in zip(coefs, scale)]
+        alpha, beta, gamma = (as_batch(list(c), a_hat) for c in zip(*coefs))
+        quintic = any(c[2] != 0.0 for c in coefs)
+        m = y if z is None else z @ y  # M = Â in the first step
+        if not quintic:
+            t = m * beta
+        elif z is None:
+            t = (a_hat * beta).addcmul_(a_hat @ a_hat if a_hat_squared is None else a_hat_squared, gamma)
         else:
-            y = y @ t
+            t = m @ add_to_diagonal(m * gamma, beta)
+        add_to_diagonal(t, alpha)
+        y = None if last else y @ t  # the last Y: unused
         z = t if z is None else t @ z
-    return eye.expand_as(a_hat).clone() if z is None else z
+    return z
+
+
+def add_to_diagonal(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x += values·I in place, values one per matrix (shaped by `as_batch`)."""
+    x.diagonal(dim1=-2, dim2=-1).add_(values.squeeze(-1) if values.ndim else values)
+    return x
+
+
+def as_batch(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-matrix scalars shaped to broadcast against `like` ((k, n) or (b, k, n))."""
+    t = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return t.reshape(-1, 1, 1) if like.ndim == 3 else t.reshape(())

@@ -30,8 +30,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from .accurate import as_batch, clip_accurate
-from .newton_schulz import inverse_sqrt_newton_schulz
+from .accurate import clip_accurate
+from .newton_schulz import as_batch, inverse_sqrt_newton_schulz
 
 Mode = Literal["paper", "accurate"]
 MODES = ("paper", "accurate")
