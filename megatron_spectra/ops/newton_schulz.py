@@ -28,7 +28,7 @@ def inverse_sqrt_newton_schulz(a_hat: torch.Tensor, steps: int) -> torch.Tensor:
     if not _identity_products_exact(a_hat):
         y, z = a_hat.clone(), eye.expand_as(a_hat).clone()
         for _ in range(steps):
-            t = 0.5 * (3.0 * eye - z @ y)
+            t = _newton_t(z @ y)
             y = y @ t
             z = t @ z
         return z
@@ -37,11 +37,19 @@ def inverse_sqrt_newton_schulz(a_hat: torch.Tensor, steps: int) -> torch.Tensor:
     # step's Y, which nothing reads.
     y, z = a_hat, None
     for step in range(steps):
-        t = 0.5 * (3.0 * eye - (y if z is None else z @ y))
+        t = _newton_t(y if z is None else z @ y)
         if step < steps - 1:
             y = y @ t
         z = t if z is None else t @ z
     return z
+
+
+def _newton_t(m: torch.Tensor) -> torch.Tensor:
+    """The official 0.5·(3I - M), bit for bit, in one pass over M: off the diagonal both are
+    -M/2 rounded once; on it 1.5 - m/2 rounds as (3 - m)/2 does (halving is exact)."""
+    t = m * -0.5
+    t.diagonal(dim1=-2, dim2=-1).add_(1.5)
+    return t
 
 
 def _identity_products_exact(x: torch.Tensor) -> bool:
