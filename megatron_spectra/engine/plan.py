@@ -19,7 +19,7 @@ The strategy "auto": vectors take Gram (the vector rule needs one scalar all-red
 paper mode every matrix goes to an owner: the owner's clip is the official one bit for bit,
 while a Gram summed over processes rounds in another order, which the unconverged bf16
 iteration carries to ~1e-2. In accurate mode (converged: any summation order gives the same
-clip to ~1e-6) Gram is chosen for a matrix whose owner's clip alone would be more than a
+clip to ~1e-5) Gram is chosen for a matrix whose owner's clip alone would be more than a
 process's share of all the clip work (it would set the step time), whose line work is at
 least its root's (n >= P·k/2) and whose lines more than one process holds: the embedding
 and output layer (V x d) in large groups. Their lines then stay where they are, and the
