@@ -7,7 +7,7 @@ import torch
 
 from megatron_spectra import normalize_singular_values, soft_spectral_clip, soft_spectral_clip_svd, spectral_clip
 from megatron_spectra.bench.cluster import products
-from megatron_spectra.ops.newton_schulz import polynomial_schedule
+from megatron_spectra.ops.newton_schulz import polynomial_schedule, products as schedule_products
 
 
 def make_matrix(m, n, s_max, spectrum="log", rank=None, seed=0, dtype=torch.float64):
@@ -100,6 +100,13 @@ def test_polynomial_schedule_takes_every_eigenvalue_to_within_tol(lo, tol):
         sigma = sigma * (alpha + sigma**2 * (beta + sigma**2 * gamma))
     assert (sigma - 1).abs().max().item() <= tol * (1 + 1e-9)
     assert len(steps) <= 10 and (lo < 1 or not steps)
+
+
+def test_polynomial_schedule_closes_with_cubics_where_that_is_cheaper():
+    # At s_max/c = 10 two minimax quintics and two cubics take 10 k x k products besides G²;
+    # quintics throughout (a cubic only where it finishes) would take 11.
+    steps = polynomial_schedule(1 / (1 + 10.0**2), 1e-5)
+    assert [c[2] != 0 for c in steps] == [True, True, False, False] and schedule_products(steps) == 10
 
 
 def test_a_matrix_clips_the_same_whatever_it_is_batched_with():
