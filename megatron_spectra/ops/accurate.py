@@ -7,8 +7,8 @@ Two things limit the official iteration, and each gets its own fix:
    small x only x2.25, so the unclipped bulk (x ~ 1/a) is still shrunk after 10 steps once
    s_max/c >~ 10. We use the minimax polynomial schedule of `newton_schulz.py`, planned per
    matrix from its own bound and run to |σ - 1| <= 1e-5 (σ² an eigenvalue of M = Z Y).
-   Counting the Gram, G² and the final product: 5 + 2 matmuls at s_max/c = 3, 12 + 2 at 10,
-   16 + 2 at 30 (one stage), against the official 32; a bound on s_max² 30-fold too high
+   Counting G², the Gram and the final product: 8 + 2 matmuls at s_max/c = 3, 11 + 2 at 10,
+   15 + 2 at 30 (one stage), against the official 32; a bound on s_max² 30-fold too high
    costs about one step more. The bound is min(Gershgorin, |G|_F, |G²|_F^(1/2)).
 
 2. The Gram squares the dynamic range. fp32 rounding puts an absolute error of about
