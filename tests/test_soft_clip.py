@@ -7,7 +7,7 @@ import torch
 
 from megatron_spectra import normalize_singular_values, soft_spectral_clip, soft_spectral_clip_svd, spectral_clip
 from megatron_spectra.bench.cluster import products
-from megatron_spectra.ops.newton_schulz import polynomial_schedule, products as schedule_products
+from megatron_spectra.ops.newton_schulz import polynomial_schedule, schedule_products
 
 
 def make_matrix(m, n, s_max, spectrum="log", rank=None, seed=0, dtype=torch.float64):

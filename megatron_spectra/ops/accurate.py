@@ -130,4 +130,4 @@ def _inverse_sqrt_factor(gram, gram_sq, cs: list[float], bounds: list[float], re
     )
     add_to_diagonal(a_hat_squared, as_batch([1.0 / v**2 for v in a], gram))
     scale = [1.0 / (math.sqrt(v) * r) for v, r in zip(a, rescale)]
-    return inverse_sqrt_polynomial(a_hat, [1.0 / v for v in a], tol=_NS_TOL, a_hat_squared=a_hat_squared, scale=scale)
+    return inverse_sqrt_polynomial(a_hat, a_hat_squared, [1.0 / v for v in a], _NS_TOL, scale)

@@ -122,7 +122,6 @@ def _minimax(lo: float, hi: float, degree: int) -> Coefs:
         return _TAYLOR[degree]
     powers, inner = (1, 3, 5)[: (degree + 1) // 2], (degree - 1) // 2
     points = [lo + (hi - lo) * f for f in (0.0, *[(j + 0.5) / inner for j in range(inner)], 1.0)]
-    coefs = _TAYLOR[degree]
     for _ in range(100):
         solution = _solve([[x**p for p in powers] + [(-1.0) ** i] for i, x in enumerate(points)], [1.0] * len(points))
         coefs = (*solution[: len(powers)], 0.0, 0.0)[:3]
@@ -161,9 +160,9 @@ def polynomial_schedule(lo: float, tol: float) -> tuple[Coefs, ...]:
         return steps, s_lo, s_hi
 
     best, quintics, s_lo, s_hi = None, [], math.sqrt(lo), 1.0
-    while best is None or products(quintics) < products(best):
+    while best is None or schedule_products(quintics) < schedule_products(best):
         cubics, *end = run(3, s_lo, s_hi, limit=6)
-        if done(*end) and (best is None or products(quintics + cubics) < products(best)):
+        if done(*end) and (best is None or schedule_products(quintics + cubics) < schedule_products(best)):
             best = quintics + cubics
         if done(s_lo, s_hi):
             break
@@ -174,7 +173,7 @@ def polynomial_schedule(lo: float, tol: float) -> tuple[Coefs, ...]:
     return tuple(best)
 
 
-def products(steps) -> int:
+def schedule_products(steps) -> int:
     """k x k products of a schedule, given Â²: the first step's Y·T; after it M, M² in a
     quintic, Y·T and T·Z; no Y·T in the last step."""
     count = sum(1 if i == 0 else 3 + (c[2] != 0.0) for i, c in enumerate(steps))
@@ -186,38 +185,32 @@ def _quantized(lo: float) -> float:
     return min(1.0, 2.0 ** (math.floor(16.0 * math.log2(lo)) / 16.0))
 
 
-def inverse_sqrt_polynomial(
-    a_hat: torch.Tensor,
-    los: list[float],
-    tol: float,
-    a_hat_squared: torch.Tensor | None = None,
-    scale: list[float] | None = None,
-) -> torch.Tensor:
+def inverse_sqrt_polynomial(a_hat: torch.Tensor, a_hat_squared: torch.Tensor, los: list[float], tol: float, scale: list[float]) -> torch.Tensor:
     """scale[i] · Â_i^(-1/2) for each matrix of Â ((k, k) or (b, k, k)), its spectrum in [los[i], 1].
 
     Every matrix follows its own schedule; a shorter one is padded with T = I, which leaves
     Z exactly as it is, so a matrix's result does not depend on what it is batched with.
-    `a_hat_squared` (Â², if the caller has it) saves the first step's M²; `scale` is folded
-    into the last step's T. T = αI + M(βI + γM) takes one pass over M besides its product."""
-    scale = [1.0] * len(los) if scale is None else scale
+    Â² (the caller has it from G²) is the first step's M²; `scale` is folded into the last
+    step's T. T = αI + M(βI + γM) takes one pass over M besides its product."""
     schedules = [polynomial_schedule(_quantized(lo), tol) for lo in los]
     steps = max(len(s) for s in schedules)
     eye = torch.eye(a_hat.size(-1), dtype=a_hat.dtype, device=a_hat.device)
     if steps == 0:
         return eye * as_batch(scale, a_hat)
+    table = [[s[i] if i < len(s) else (1.0, 0.0, 0.0) for s in schedules] for i in range(steps)]
+    table[-1] = [tuple(v * f for v in c) for c, f in zip(table[-1], scale)]
+    # Every step's coefficients reach the device at once: (steps, 3, b[, 1, 1]).
+    coefs = torch.tensor(table, dtype=a_hat.dtype, device=a_hat.device).transpose(1, 2)
+    coefs = coefs.reshape(*coefs.shape, 1, 1) if a_hat.ndim == 3 else coefs.squeeze(-1)
     y, z = a_hat, None  # z = I until the first step, which saves its products with I
-    for i in range(steps):
+    for i, (alpha, beta, gamma) in enumerate(coefs):
         last = i == steps - 1
-        coefs = [(s[i] if i < len(s) else (1.0, 0.0, 0.0)) for s in schedules]
-        if last:
-            coefs = [(alpha * f, beta * f, gamma * f) for (alpha, beta, gamma), f in zip(coefs, scale)]
-        alpha, beta, gamma = (as_batch(list(c), a_hat) for c in zip(*coefs))
-        quintic = any(c[2] != 0.0 for c in coefs)
+        quintic = any(c[2] != 0.0 for c in table[i])
         m = y if z is None else z @ y  # M = Â in the first step
         if not quintic:
             t = m * beta
         elif z is None:
-            t = (a_hat * beta).addcmul_(a_hat @ a_hat if a_hat_squared is None else a_hat_squared, gamma)
+            t = (a_hat * beta).addcmul_(a_hat_squared, gamma)
         else:
             t = m @ add_to_diagonal(m * gamma, beta)
         add_to_diagonal(t, alpha)
