@@ -290,3 +290,27 @@ def test_non_finite_input_is_rejected_in_both_modes(mode, bad):
             soft_spectral_clip(x, 1.0, mode=mode)
     with pytest.raises(TypeError, match="dense"):
         soft_spectral_clip(torch.eye(3).to_sparse(), 1.0, mode=mode)
+
+
+def test_a_sole_holder_stages_on_the_tighter_bound():
+    # 16 singular values at s_max = 20c, 48 at 10c: min(Gershgorin, Frobenius) bounds s_max/c
+    # by 35 (> 32: two stages), |G²|_F^(1/4) by 28. Only the root has G², so holders
+    # that must agree plan on the looser bound; a sole holder (local reduce) plans on G²'s.
+    from megatron_spectra.bench.cluster import _matmul_shapes
+    from megatron_spectra.ops.soft_clip import ClipNumerics, Reducer, clip_wide
+
+    class Spread(Reducer):  # as a multi-process reducer looks to the clip (one process: sums are no-ops)
+        local = False
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(128, 64, generator=g, dtype=torch.float64))
+    s = torch.cat([torch.full((16,), 20.0), torch.full((48,), 10.0)]).double()
+    x = ((u * s) @ v.T).float()
+    numerics = ClipNumerics("accurate")
+    outs, lines = {}, {}
+    for name, reduce in (("sole", Reducer()), ("spread", Spread())):
+        shapes = _matmul_shapes(lambda: outs.setdefault(name, clip_wide([x], [1.0], numerics, reduce)[0]))
+        lines[name] = sum(1 for shape in shapes if 128 in shape)  # the Gram and the product, per stage
+        assert singular_value_error(outs[name], s, 1.0) <= 1e-4
+    assert lines == {"sole": 2, "spread": 4}

@@ -55,6 +55,8 @@ class ClipStats:
 class GroupReducer(Reducer):
     """Sums (maxes) many tensors with one all-reduce over a flat buffer."""
 
+    local = False
+
     def __init__(self, group, stats: ClipStats, meanwhile: Callable[[], None] | None = None):
         super().__init__(meanwhile)
         self.group, self.stats = group, stats

@@ -60,10 +60,11 @@ def clip_accurate(xs, cs: list[list[float]], reduce: Reducer, roots: list[bool])
         factors = []
         for i, gram in zip(active, grams):
             # Every holder plans the stage alike from the summed Gram's bound; the root, which
-            # computes the factor, also takes G²'s tighter bound, in the same host read.
+            # computes the factor, also takes G²'s tighter bound, in the same host read, and
+            # plans with it where no other holder has to agree (fewer two-stage clips).
             gram_sq = gram @ gram if roots[i] else None
             bounds, tight = _lambda_max_bounds(gram, gram_sq)
-            stage_c, rescale, remaining[i] = _plan_stage(bounds, remaining[i])
+            stage_c, rescale, remaining[i] = _plan_stage(tight if reduce.local else bounds, remaining[i])
             out_scale[i] = [o * r for o, r in zip(out_scale[i], rescale)]
             # Dividing by `rescale` (the stage threshold of a matrix that has more stages to
             # go) brings its output, of spectral norm <= stage_c, back to O(1).

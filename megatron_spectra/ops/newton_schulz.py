@@ -117,21 +117,20 @@ def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
 def _minimax(lo: float, hi: float, degree: int) -> Coefs:
     """The odd cubic or quintic closest to 1 in max norm on [lo, hi]. It equioscillates,
     1 ∓ E at lo, at its turning points inside and at hi; Remez moves the inner points to the
-    turning points of the last solution until they settle."""
+    turning points of the last solution until the level E settles (2-4 passes; the points
+    themselves, extrema of a flat error, are only defined to about sqrt(eps))."""
     if hi - lo < _NARROW:
         return _TAYLOR[degree]
     powers, inner = (1, 3, 5)[: (degree + 1) // 2], (degree - 1) // 2
     points = [lo + (hi - lo) * f for f in (0.0, *[(j + 0.5) / inner for j in range(inner)], 1.0)]
+    level = math.inf
     for _ in range(100):
-        solution = _solve([[x**p for p in powers] + [(-1.0) ** i] for i, x in enumerate(points)], [1.0] * len(points))
-        coefs = (*solution[: len(powers)], 0.0, 0.0)[:3]
+        *solution, new_level = _solve([[x**p for p in powers] + [(-1.0) ** i] for i, x in enumerate(points)], [1.0] * len(points))
+        coefs = (*solution, 0.0, 0.0)[:3]
         turning = [x for x in _turning_points(coefs) if lo < x < hi]
-        if len(turning) != inner:
+        if len(turning) != inner or abs(new_level - level) <= 1e-6 * abs(new_level):
             break
-        moved = max(abs(p - q) for p, q in zip(points[1:-1], turning))
-        points = [lo, *turning, hi]
-        if moved <= 1e-14:
-            break
+        points, level = [lo, *turning, hi], new_level
     return coefs
 
 

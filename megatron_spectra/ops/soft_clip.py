@@ -69,7 +69,11 @@ class Reducer:
     `share_` hands every process the tensors that one process each computed (the others
     pass zeros): the k x k factors of `clip_wide(..., roots=...)`. `meanwhile` is local work
     to run before the first share (once; `catch_up` runs it if no share came): the caller's
-    other clips, so that no process idles at the exchange while the roots are computed."""
+    other clips, so that no process idles at the exchange while the roots are computed.
+    `local`: every matrix is whole in this process (nothing to sum, no other holder to agree
+    with)."""
+
+    local = True
 
     def __init__(self, meanwhile: Callable[[], None] | None = None):
         self._meanwhile = meanwhile
@@ -292,8 +296,7 @@ def _normalize(xs, numerics: ClipNumerics, reduce: Reducer) -> list[torch.Tensor
     dtype = torch.float32 if numerics.fp32 else torch.bfloat16
     a, b, c = MUON_QUINTIC
     xs_c = [x.to(dtype) for x in xs]
-    alone = type(reduce) is Reducer  # nothing to sum: the official ops exactly
-    if alone:
+    if reduce.local:  # nothing to sum: the official ops exactly
         norms = [x.norm(dim=(-2, -1), keepdim=True) for x in xs_c]
     else:
         norms = [x.float().square().sum(dim=(-2, -1), keepdim=True) for x in xs_c]
@@ -302,7 +305,7 @@ def _normalize(xs, numerics: ClipNumerics, reduce: Reducer) -> list[torch.Tensor
     xs_c = [x / (n + 1e-7) for x, n in zip(xs_c, norms)]
     for _ in range(numerics.ns_steps):
         grams = [x @ x.mT for x in xs_c]
-        if not alone:
+        if not reduce.local:
             grams = [g.float() for g in grams]
             reduce.sum_(grams)
             grams = [g.to(dtype) for g in grams]
