@@ -88,7 +88,7 @@ class Plan:
 
 
 PAPER_PRODUCTS = 27  # k x k products of the paper's 10 Newton-Schulz steps (3 each, 3 of them exact and skipped)
-ACCURATE_PRODUCTS = 14  # accurate mode's typical 4-5 minimax steps with G² (11-15 products at s_max/c = 10-30)
+ACCURATE_PRODUCTS = 11  # accurate mode at s_max/c = 10, typical of Adam-like updates (tight bound): 4 minimax steps with G² (8 at 3, 15 at 30)
 
 
 def clip_cost(rows: int, cols: int, products: float = PAPER_PRODUCTS) -> float:
