@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from ..fsdp import FSDPSpectra
 from ..fsdp.optimizer import DTensorClipper, local, shard_like
-from ..optim.step import clip_update
+from ..optim.clipper import clip_update
 from .models import LlamaConfig, TinyLlama, batch, loss_fn, param_groups, parallelize
 
 OPTIMIZERS = ("torch AdamW", "Spectra-AdamW (engine)", "Spectra-AdamW (all-gather)")

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from ..engine import NonFiniteInput, ShardedClipper
 from ..optim.spectra import Spectra
-from ..optim.step import STAGES, Clip, Thresholds, stage_numerics, threshold_of
+from ..optim.clipper import STAGES, Clip, Thresholds, stage_numerics, threshold_of
 from .placements import UnsupportedPlacement, connected_components, engine_placement, group_ranks, sharded_rank_sets, subgroup
 
 

@@ -28,7 +28,7 @@ import torch
 
 from ..engine import Placement, tensor_parallel
 from ..optim.schedules import matrix_scale
-from ..optim.step import ParamSpec, clip_kind
+from ..optim.clipper import ParamSpec, clip_kind
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,7 +19,8 @@ from ..ops.finite import finite_flags
 from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import Base
 from ..optim.schedules import ThresholdSchedule
-from ..optim.step import STAGES, Clip, SpectraStep, Thresholds, stage_numerics, threshold_of
+from ..optim.clipper import STAGES, Clip, Thresholds, stage_numerics, threshold_of
+from ..optim.step import SpectraStep
 from .layouts import Entry
 
 

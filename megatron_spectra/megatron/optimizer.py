@@ -30,7 +30,8 @@ from ..ops.soft_clip import ClipNumerics
 from ..optim.directions import get_base
 from ..optim.schedules import ThresholdSchedule, pre_clip_schedule
 from ..settings import config_fields
-from ..optim.step import Clipped, NonFiniteError
+from ..optim.clipper import Clipped
+from ..optim.guards import NonFiniteError
 from .config import SpectraOptimizerConfig
 from .layouts import Entry, expert_entries, expert_params, make_entry, param_names, row_parts
 from .main_params import EntryClipper, MainParamSpectra

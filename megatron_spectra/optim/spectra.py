@@ -19,7 +19,8 @@ from ..ops.soft_clip import ClipNumerics
 from ..settings import SETTINGS, hyperparameters, resolve, spectra_settings
 from .directions import BASES, BUILT_IN, get_base
 from .schedules import ThresholdSchedule, pre_clip_schedule
-from .step import LocalClipper, SpectraStep
+from .clipper import LocalClipper
+from .step import SpectraStep
 
 CLIP_KINDS = ("matrix", "vector", "none")
 DEFAULT = {s.name: s.default for s in spectra_settings()}

@@ -183,7 +183,7 @@ def _grouped_clip(rank, world, full):
     from megatron_spectra.megatron.layouts import Experts, grouped_experts
     from megatron_spectra.megatron.main_params import EntryClipper
     from megatron_spectra.ops.soft_clip import ClipNumerics
-    from megatron_spectra.optim.step import Clip
+    from megatron_spectra.optim.clipper import Clip
 
     tp_rank, dp_rank = rank % 2, rank // 2
     layout = Experts(grouped=True, local=N, ep_size=1, ep_rank=0, tp_size=2, tp_rank=tp_rank, ffn=F)
