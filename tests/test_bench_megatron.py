@@ -37,6 +37,8 @@ def test_bench_megatron_tiny(tmp_path, capsys):
     assert timings["spectra-paper-fp32"]["state_mb"] == timings["adam"]["state_mb"]  # the same two moments
     if muon:  # megatron-core's Muon ran, and moved the weights its own way
         assert "| dist-muon |" in table
+        row = next(line for line in table.splitlines() if "| dist-muon |" in line)
+        assert row.split("|")[6:8] == [" 1.00 ", " 1.00 "]  # against itself: ratio of medians, per round
         assert timings["dist-muon"]["first_loss"] == pytest.approx(timings["adam"]["first_loss"], rel=1e-6)
         assert timings["dist-muon"]["last_loss"] != pytest.approx(timings["adam"]["last_loss"], rel=1e-6)
     for name, t in timings.items():
@@ -77,3 +79,12 @@ def test_unknown_names_are_refused():
     bench.add_parser(parser.add_subparsers(dest="command"))
     with pytest.raises(SystemExit, match="unknown"):
         bench.run(parser.parse_args(["megatron", "--optimizers", "adam,lion"]))
+
+
+def test_per_round_ratios_pair_each_round_with_the_baseline_s():
+    # Load that doubles both in the same round cancels; quartiles over rounds.
+    v = {"step_ms_all": [2.0, 8.0, 3.0, 12.0, 2.2]}
+    base = {"step_ms_all": [1.0, 4.0, 1.5, 6.0, 1.0]}
+    assert bench._paired(v, base) == "2.00 [2.00-2.10]"
+    assert bench._paired(v, None) == "-" and bench._paired({"step_ms_all": [3.0]}, {"step_ms_all": [2.0]}) == "1.50"
+
