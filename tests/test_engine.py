@@ -104,6 +104,7 @@ def _engine_vs_reference(rank, world, tp, seed, mode, c):
         error = torch.linalg.vector_norm(out - want).item() / max(norm, 1e-30)
         errors[name] = error / tolerance(fulls[name], c)
         assert torch.equal(out, out2)
+    assert clipper.results_finite  # carried back by the all-to-all, one flag per peer
     return errors, clipper.stats
 
 
@@ -125,6 +126,39 @@ def test_engine_matches_single_process_clip(world, tp, mode):
     for rank, (errors, _) in enumerate(results):
         for name, err in errors.items():
             assert err <= 1.0, f"rank {rank} {name}: relative error {err:.2f} x its tolerance"
+
+
+def _overflow_or_nan(rank, world, case):
+    from megatron_spectra.engine import NonFiniteInput
+
+    # Two 8 x 8 matrices split in rows over the ranks. Paper mode's Gram of entries ~1e25
+    # overflows fp32 on the owner alone; every rank must learn it from the way back.
+    shape = (8, 8)
+    fulls = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    if case == "overflow":
+        fulls[1] = fulls[1] * 1e25
+    cuts = [(8 * 8 * r // world, 8 * 8 * (r + 1) // world) for r in range(world)]
+    mine = [Placement(shape, None, 1, 0, cuts[rank], None, "owner") for _ in fulls]
+    pieces = [p.piece_of(f) for p, f in zip(mine, fulls)]
+    extra = [torch.full((3,), float("nan") if case == "nan" and rank == world - 1 else 1.0)]
+    clipper = ShardedClipper(None, ClipNumerics("paper", fp32=True))
+    try:
+        outs = clipper.clip(pieces, mine, 1.0, ["a", "b"], also_check=extra)
+    except NonFiniteInput:
+        return "NonFiniteInput"
+    return clipper.results_finite, [bool(torch.isfinite(o).all()) for o in outs]
+
+
+@pytest.mark.parametrize("case", ["fine", "overflow", "nan"])
+def test_every_rank_learns_whether_the_clip_and_its_companions_are_finite(case):
+    results = run_distributed(_overflow_or_nan, 4, args=(case,))
+    if case == "nan":  # a companion tensor on one rank: nothing is clipped anywhere
+        assert results == ["NonFiniteInput"] * 4
+    elif case == "fine":
+        assert results == [(True, [True, True])] * 4
+    else:  # only the owner computed the non-finite result; every rank knows
+        assert all(finite is False for finite, _ in results)
+        assert not all(ok[1] for _, ok in results)
 
 
 def _gram_flops(rank, world, mode):

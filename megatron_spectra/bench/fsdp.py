@@ -49,7 +49,7 @@ class AllGatherClipper(DTensorClipper):
 
     bytes_moved = 0
 
-    def clip(self, items, c, stage="update"):
+    def clip(self, items, c, stage="update", also_check=()):
         outs, moved = [], 0
         for item in items:
             u = item.tensor

@@ -29,7 +29,9 @@ class RedundantClipper:
         self.group, self.numerics = clipper.group, numerics
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
 
-    def clip(self, items, c, stage="update"):
+    verified_finite = False
+
+    def clip(self, items, c, stage="update", also_check=()):
         import torch.distributed as dist
 
         from ..megatron.update_norms import full_matrix

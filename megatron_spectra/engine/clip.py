@@ -88,6 +88,7 @@ class ShardedClipper:
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self._key, self._plan, self._exchanges = None, None, None
         self.stats = ClipStats()
+        self.results_finite = False  # the last call's results, on every process: see `clip`
 
     def clip(
         self,
@@ -95,22 +96,31 @@ class ShardedClipper:
         placements: Sequence[Placement],
         thresholds: float | Sequence[float],
         names: Sequence[str] | None = None,
+        also_check: Sequence[torch.Tensor] = (),
     ) -> list[torch.Tensor]:
+        """Every process's piece of H_c of every tensor. Inf/NaN in any process's `tensors` or
+        `also_check` (tensors the caller does not clip but checks with these) raises
+        NonFiniteInput on every process; afterwards `results_finite` says, alike everywhere,
+        whether every result is finite (paper mode's arithmetic can overflow)."""
         start = time.perf_counter()
         names = list(names) if names is not None else [f"tensor{i}" for i in range(len(tensors))]
         thresholds = [float(thresholds)] * len(tensors) if isinstance(thresholds, (int, float)) else list(thresholds)
         # Checked here but raised in the agreement step, on every process at once: raising
         # alone would leave the others blocked in its first collective.
         problem = local_problem(tensors, placements, names, thresholds)
-        self.stats = ClipStats()
+        self.stats, self.results_finite = ClipStats(), False
         device = tensors[0].device if tensors else torch.device("cpu")
         local = torch.cat([t.reshape(-1).float() for t in tensors]) if tensors else torch.zeros(0, device=device)
-        finite = bool(finite_flags([local]).all())
+        finite = bool(finite_flags([local, *also_check]).all())
         plan = self._plan_for(placements, names, thresholds, finite, device, problem)
         forward, backward = self._exchanges
         workspace = forward.run(local, self.group)
         self._compute(workspace, plan, thresholds, [t.dtype for t in tensors])
-        result = backward.run(workspace, self.group)
+        # Whether this process's results are finite goes back with them: one element more to
+        # each peer in the same all-to-all, where a check of its own would be one more collective.
+        mine = finite_flags([workspace]).all().to(workspace.dtype)
+        result, everyone = backward.run_flagged(workspace, mine, self.group)
+        self.results_finite = bool(everyone.all())
         self.stats.bytes_sent = 4 * (forward.elements_sent + backward.elements_sent)
         self.stats.bytes_received = 4 * (forward.elements_received + backward.elements_received)
         self.stats.seconds = time.perf_counter() - start

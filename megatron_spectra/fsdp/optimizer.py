@@ -54,14 +54,19 @@ class DTensorClipper:
         """The engine placement of a param's shard, clipped as `kind`."""
         return self.placements[(id(p), kind)]
 
-    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update") -> list[torch.Tensor]:
+    verified_finite = False
+
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update", also_check=()) -> list[torch.Tensor]:
+        self.verified_finite = False
         pieces = [local(item.tensor) for item in items]
         placements = [self.placement(item.param, item.kind) for item in items]
         thresholds = [threshold_of(c, item.group) for item in items]  # every rank holds every param: alike
+        engine = self.engines[stage]
         try:
-            outs = self.engines[stage].clip(pieces, placements, thresholds, [item.spec.name for item in items])
+            outs = engine.clip(pieces, placements, thresholds, [item.spec.name for item in items], [local(t) for t in also_check])
         except NonFiniteInput:  # every rank gets it: hand the tensors on to the step's finiteness check
             return [item.tensor for item in items]
+        self.verified_finite = engine.results_finite
         return [shard_like(item.tensor, out.view_as(piece)) for item, piece, out in zip(items, pieces, outs)]
 
     def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:

@@ -43,7 +43,10 @@ class EntryClipper:
         """What the last update clip cost this process (bytes, seconds)."""
         return self.engines["update"].stats
 
-    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update") -> list[torch.Tensor]:
+    verified_finite = False
+
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update", also_check=()) -> list[torch.Tensor]:
+        self.verified_finite = False
         chosen = [(e, g) for e, g in zip(self.entries, self.groups) if (e.kind != "none" if stage == "update" else e.matrix)]
         thresholds = [threshold_of(c, g) if g >= 0 else 1.0 for _, g in chosen]
         chosen = [e for e, _ in chosen]
@@ -52,10 +55,12 @@ class EntryClipper:
         given = {item.param: item for item in items}
         device = next((e.main.device for e in self.entries if e.main is not None), torch.device("cpu"))
         pieces = [self._piece(e, given.get(e.main), device) for e in chosen]
+        engine = self.engines[stage]
         try:
-            outs = self.engines[stage].clip(pieces, [e.placement for e in chosen], thresholds, [e.name for e in chosen])
+            outs = engine.clip(pieces, [e.placement for e in chosen], thresholds, [e.name for e in chosen], also_check)
         except NonFiniteInput:  # on every process: hand the tensors on to the step's finiteness check
             return [item.tensor for item in items]
+        self.verified_finite = engine.results_finite
         parts = {}  # main -> its entries' outputs, in order (several: a grouped experts tensor)
         for e, out in zip(chosen, outs):
             if e.main is not None:

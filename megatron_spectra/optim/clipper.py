@@ -70,10 +70,17 @@ class Clipped(NamedTuple):
 class Clipper(Protocol):
     """The distributed seam. Every process of a step calls both methods alike, in order."""
 
-    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str) -> list[torch.Tensor]:
+    verified_finite: bool  # the last clip saw every process's items, also_check and results finite
+
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str, also_check: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
         """H_c of every item's full tensor, as this process's piece laid out like the item;
         an item's c is `threshold_of(c, item.group)`. `stage` ("update" | "gradient") lets a
-        clipper keep a plan per kind of call (and pre-clips with `stage_numerics`)."""
+        clipper keep a plan per kind of call (and pre-clips with `stage_numerics`).
+
+        A clipper that communicates anyway may check, in the same collectives, that every
+        process's items, the `also_check` tensors (the updates it does not clip) and the
+        results are finite, and then set `verified_finite` (else False: the step asks
+        `find_nonfinite`)."""
 
     def find_nonfinite(self, tensors: Sequence[torch.Tensor]) -> list[int] | None:
         """None if every process's tensors are finite; else which of this process's are not
@@ -83,10 +90,12 @@ class Clipper(Protocol):
 class LocalClipper:
     """Clips whole tensors in this process: one process, or DDP's identical replicas."""
 
+    verified_finite = False  # its find_nonfinite is local and as cheap
+
     def __init__(self, numerics: ClipNumerics):
         self.numerics = numerics
 
-    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update") -> list[torch.Tensor]:
+    def clip(self, items: Sequence[Clip], c: Thresholds, stage: str = "update", also_check=()) -> list[torch.Tensor]:
         numerics = stage_numerics(self.numerics, stage)
         return [clip_update(item.tensor, threshold_of(c, item.group), item.kind, numerics) for item in items]
 

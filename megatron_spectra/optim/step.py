@@ -131,11 +131,11 @@ class SpectraStep:
             return loss
         moved = [(group, p, spec, self._direction(group, p)) for group, p, spec in params]  # lr 0 too
         moved = [(group, p, spec, u) for group, p, spec, u in moved if group["lr"] != 0]
-        updates = self._clip_updates(moved)
+        updates, verified = self._clip_updates(moved)
         # A non-finite direction (e.g. eps 0 and a zero gradient entry: 0/0) reaches this
         # check too: every clipper hands it back non-finite. The moments keep this step's
         # (finite) gradients either way; only the weights are left alone.
-        if not self._finite_or_skip(updates, [s.name for _, _, s, _ in moved], "update", moved):
+        if not verified and not self._finite_or_skip(updates, [s.name for _, _, s, _ in moved], "update", moved):
             return loss
         for (group, p, spec, _), h in zip(moved, updates):
             lr = group["lr"]
@@ -148,11 +148,12 @@ class SpectraStep:
         """U_k; advances the param's moments and its step count."""
         return self.base.update(p, self.state[p], group)
 
-    def _clip_updates(self, moved) -> list[torch.Tensor]:
-        """H_c(U) of every moved param (U itself where its kind is "none"), in one clipper call."""
+    def _clip_updates(self, moved) -> tuple[list[torch.Tensor], bool]:
+        """H_c(U) of every moved param (U itself where its kind is "none"), in one clipper call,
+        and whether the clipper verified them all finite on every process."""
         cs = self.thresholds(self.schedule)
         if all(c is None for c in cs):  # every group has lr 0: nothing moves, on every process alike
-            return []
+            return [], True
         if self.numerics.post == "normalize":
             c = 1.0  # normalize has no threshold (and a wsd-* end at 0 must not zero it)
         else:
@@ -161,13 +162,15 @@ class SpectraStep:
         index = {id(g): i for i, g in enumerate(self.param_groups)}
         chosen = [i for i, (*_, spec, _) in enumerate(moved) if spec.kind != "none"]
         items = [Clip(moved[i][1], moved[i][2], moved[i][3], moved[i][2].kind, index[id(moved[i][0])]) for i in chosen]
-        outs = self.clipper.clip(items, c, "update")
+        unclipped = [moved[i][3] for i in sorted(set(range(len(moved))) - set(chosen))]
+        outs = self.clipper.clip(items, c, "update", also_check=unclipped)
+        verified = self.clipper.verified_finite
         clipped = [Clipped(item.param, item.spec, item.tensor, out) for item, out in zip(items, outs)]
         self._observe(clipped)
         updates = [u for *_, u in moved]
         for i, out in zip(chosen, outs):
             updates[i] = out
-        return updates
+        return updates, verified
 
     def _observe(self, clipped: list[Clipped]) -> None:
         if self.track_update_norms:
