@@ -7,11 +7,13 @@ Every process passes its local piece of every tensor (the same tensors, in the s
 with their `Placement`), and gets back its piece of H_c(full tensor): each full matrix is
 clipped once (by its owner, or by the holders of its lines with a Gram all-reduce), never
 on every process. Per call: an 8-int all-gather to check that the processes agree and none
-has bad input, one all-to-all to the compute layout, the clips (same-shape owner matrices batched), one
+has bad input; one all-to-all to the compute layout, which also carries every process's
+share of each vector's |u|²; the clips (same-shape owner matrices batched), with one
 all-reduce for all Gram matrices and one for their k x k factors, each computed by the
-matrix's root rank (one pair per stage in accurate mode's rare multi-stage case), one for
-all vector norms, and one all-to-all back. Owners and roots are balanced by FLOPs, with
-the k x k products of the mode's Newton-Schulz (accurate mode: its typical step count).
+matrix's root rank (one pair per stage in accurate mode's rare multi-stage case; none
+without Gram matrices); and one all-to-all back, which also carries whether every result is
+finite. Owners and roots are balanced by FLOPs, with the k x k products of the mode's
+Newton-Schulz (accurate mode: its typical step count).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class ShardedClipper:
         self.group, self.numerics, self.count_flops = group, numerics, count_flops
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        self._key, self._plan, self._exchanges = None, None, None
+        self._key, self._plan, self._exchanges, self._vector_runs = None, None, None, []
         self.stats = ClipStats()
         self.results_finite = False  # the last call's results, on every process: see `clip`
 
@@ -114,12 +116,16 @@ class ShardedClipper:
         finite = bool(finite_flags([local, *also_check]).all())
         plan = self._plan_for(placements, names, thresholds, finite, device, problem)
         forward, backward = self._exchanges
-        workspace = forward.run(local, self.group)
-        self._compute(workspace, plan, thresholds, [t.dtype for t in tensors])
+        # The vector rule needs only |u|²: each process's share of every vector's sum of
+        # squares goes out with the data (as float64 bits), so no collective waits mid-clip.
+        shares = self._vector_shares(local)
+        workspace, everyone = forward.run_with(local, shares.view(torch.float32), self.group)
+        vector_sumsq = everyone.reshape(-1).view(torch.float64).view(self.world, -1).sum(dim=0)  # alike everywhere
+        self._compute(workspace, plan, thresholds, [t.dtype for t in tensors], vector_sumsq)
         # Whether this process's results are finite goes back with them: one element more to
         # each peer in the same all-to-all, where a check of its own would be one more collective.
-        mine = finite_flags([workspace]).all().to(workspace.dtype)
-        result, everyone = backward.run_flagged(workspace, mine, self.group)
+        mine = finite_flags([workspace]).all().to(workspace.dtype).reshape(1)
+        result, everyone = backward.run_with(workspace, mine, self.group)
         self.results_finite = bool(everyone.all())
         self.stats.bytes_sent = 4 * (forward.elements_sent + backward.elements_sent)
         self.stats.bytes_received = 4 * (forward.elements_received + backward.elements_received)
@@ -159,12 +165,31 @@ class ShardedClipper:
                 Exchange.build(self._plan.forward, self.rank, self.world, ws_size),
                 Exchange.build(self._plan.backward, self.rank, self.world, self._plan.local_sizes[self.rank]),
             )
+            self._vector_runs = self._my_vector_runs(self._plan, placements)
             self._key = key
         return self._plan
 
+    def _my_vector_runs(self, plan: Plan, placements) -> list[list[tuple[int, int]]]:
+        """Per vector (in plan order): where this process's units of it lie in its local
+        buffer. A vector's lines (elements) stay with their holders, so its units are local."""
+        runs = []
+        for tp in plan.tensors:
+            if tp.placement.is_vector:
+                base = plan.local_offsets[self.rank][tp.index] - placements[tp.index].range[0]
+                runs.append([(base + u.start, u.end - u.start) for u in tp.units if u.rank == self.rank])
+        return runs
+
+    def _vector_shares(self, local: torch.Tensor) -> torch.Tensor:
+        """This process's part of every vector's sum of squares, in float64, summed over its
+        units in workspace order (as the clip would sum its workspace view)."""
+        sums = [torch.cat([local[o : o + n] for o, n in runs]).double().square().sum() if runs
+                else local.new_zeros((), dtype=torch.float64) for runs in self._vector_runs]
+        return torch.stack(sums) if sums else local.new_zeros(0, dtype=torch.float64)
+
     # ------------------------------------------------------------------ compute
 
-    def _compute(self, workspace: torch.Tensor, plan: Plan, thresholds: list[float], dtypes: list[torch.dtype]) -> None:
+    def _compute(self, workspace: torch.Tensor, plan: Plan, thresholds: list[float], dtypes: list[torch.dtype],
+                 vector_sumsq: torch.Tensor) -> None:
         counter = _flop_counter() if self.count_flops else None
         with counter if counter is not None else contextlib.nullcontext():
             owner, gram, vectors = [], [], []
@@ -188,7 +213,7 @@ class ShardedClipper:
             reducer = GroupReducer(self.group, self.stats, owned) if self.world > 1 else Reducer(owned)
             _clip_and_write(gram, self.numerics, reducer, batch=False)
             reducer.catch_up()
-            self._clip_vectors(vectors, reducer)
+            self._clip_vectors(vectors, vector_sumsq)
         if counter is not None:
             self.stats.clip_flops = float(counter.get_total_flops())
 
@@ -200,11 +225,8 @@ class ShardedClipper:
         for group in by_shape.values():
             _clip_and_write(group, self.numerics, Reducer(), batch=True)
 
-    def _clip_vectors(self, vectors, reducer: Reducer) -> None:
-        if not vectors:
-            return
-        sumsq = torch.stack([v.double().square().sum() if v.numel() else v.new_zeros((), dtype=torch.float64) for v, *_ in vectors])
-        reducer.sum_([sumsq])
+    def _clip_vectors(self, vectors, sumsq: torch.Tensor) -> None:
+        """The vector rule on this process's units, with every vector's global |u|²."""
         for (v, c, dtype), s in zip(vectors, sumsq.sqrt()):
             # In the caller's dtype, as the official rule computes (the workspace is fp32).
             v.copy_(clip_vector(v.to(dtype), c, self.numerics, s) if c > 0 else torch.zeros_like(v))

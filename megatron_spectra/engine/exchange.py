@@ -10,7 +10,7 @@ assemble. Nothing is sent to oneself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -36,10 +36,10 @@ class Exchange:
     send: list[list[tuple[int, int]]]  # per destination: (offset in the source buffer, length)
     send_splits: list[int]
     recv_splits: list[int]
-    assemble: list[tuple[bool, int, int]]  # (from the received data?, offset, length), in destination order
+    pieces: list[tuple[bool, int, int, int]]  # (received?, offset, length, source rank), in destination order
     dst_size: int
     rank: int
-    flagged_assemble: list[tuple[bool, int, int]]  # the same, where every peer's data ends with a flag
+    _assemble: dict[int, list[tuple[bool, int, int]]] = field(default_factory=dict)  # per extra length
 
     @classmethod
     def build(cls, moves: list[Move], rank: int, world: int, dst_size: int) -> "Exchange":
@@ -55,28 +55,16 @@ class Exchange:
             recv_splits[m.src] += m.length
             recv_at[(m.src, m.dst_off)] = position
             position += m.length
-        pieces = []
+        pieces, expected = [], 0
         for m in sorted((m for m in moves if m.dst == rank), key=lambda m: m.dst_off):
+            if m.dst_off != expected:
+                raise AssertionError(f"exchange plan leaves a gap at {expected} (next move at {m.dst_off})")
+            expected += m.length
             received = m.src != rank
-            pieces.append((received, recv_at[(m.src, m.dst_off)] if received else m.src_off, m.length, m.dst_off, m.src))
-        expected = 0
-        for _, _, length, dst_off, _ in pieces:
-            if dst_off != expected:
-                raise AssertionError(f"exchange plan leaves a gap at {expected} (next move at {dst_off})")
-            expected += length
+            pieces.append((received, recv_at[(m.src, m.dst_off)] if received else m.src_off, m.length, m.src))
         if expected != dst_size:
             raise AssertionError(f"exchange plan fills {expected} of {dst_size} elements")
-        # With flags, each earlier peer's data in the receive buffer is one element longer.
-        flags_before = lambda src: sum(1 for peer in range(src) if peer != rank)  # noqa: E731
-        return cls(
-            send=[_coalesce(ranges) for ranges in send],
-            send_splits=send_splits,
-            recv_splits=recv_splits,
-            assemble=_coalesce_tagged([(r, off, n) for r, off, n, _, _ in pieces]),
-            dst_size=dst_size,
-            rank=rank,
-            flagged_assemble=_coalesce_tagged([(r, off + flags_before(src) if r else off, n) for r, off, n, _, src in pieces]),
-        )
+        return cls([_coalesce(ranges) for ranges in send], send_splits, recv_splits, pieces, dst_size, rank)
 
     @property
     def elements_sent(self) -> int:
@@ -88,35 +76,37 @@ class Exchange:
 
     def run(self, src: torch.Tensor, group) -> torch.Tensor:
         """Every process of the group must call this, even one with nothing to send."""
-        recv = src.new_empty(self.elements_received)
-        if len(self.send_splits) > 1:
-            ranges = [r for ranges in self.send for r in ranges]
-            send = torch.cat([src[o : o + n] for o, n in ranges]) if ranges else src.new_empty(0)
-            dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits, group=group)
-        return self._assemble(src, recv, self.assemble)
+        return self.run_with(src, src.new_empty(0), group)[0]
 
-    def run_flagged(self, src: torch.Tensor, flag: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-        """`run`, and every process's one-element `flag` (same dtype as src) to every other:
-        one element more to each peer in the same all-to-all, instead of a collective of its own.
-        Returns the assembled buffer and all the flags (this process's included), in rank order."""
-        world = len(self.send_splits)
-        if world == 1:
-            return self._assemble(src, src.new_empty(0), self.assemble), flag.reshape(1)
-        peers = [r for r in range(world) if r != self.rank]
-        recv = src.new_empty(self.elements_received + len(peers))
-        send = torch.cat([piece for dst in peers for piece in (*(src[o : o + n] for o, n in self.send[dst]), flag.reshape(1))])
-        recv_splits = [n + (r != self.rank) for r, n in enumerate(self.recv_splits)]
-        send_splits = [n + (r != self.rank) for r, n in enumerate(self.send_splits)]
-        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
-        ends = torch.tensor(recv_splits).cumsum(0) - 1
-        flags = recv[ends.to(recv.device)]  # the peers' flags: the last element of each peer's data
-        flags[self.rank] = flag.reshape(())  # (no data from oneself: that index holds another's, replaced)
-        return self._assemble(src, recv, self.flagged_assemble), flags
-
-    def _assemble(self, src: torch.Tensor, recv: torch.Tensor, assemble) -> torch.Tensor:
+    def run_with(self, src: torch.Tensor, extra: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+        """`run`, and every process's small `extra` (the same length and dtype everywhere) to
+        every other: appended to each peer's data in the same all-to-all, where a collective
+        of its own would be one more synchronisation. Returns the assembled buffer and the
+        extras of all processes (this one's included), one row per rank."""
+        world, e = len(self.send_splits), extra.numel()
+        received = {self.rank: extra.reshape(-1)}
+        recv = src.new_empty(self.elements_received + e * (world - 1))
+        if world > 1:
+            peers = [r for r in range(world) if r != self.rank]
+            parts = [piece for dst in peers for piece in (*(src[o : o + n] for o, n in self.send[dst]), extra.reshape(-1))]
+            send = torch.cat(parts) if parts else src.new_empty(0)
+            recv_splits = [n + e * (r != self.rank) for r, n in enumerate(self.recv_splits)]
+            send_splits = [n + e * (r != self.rank) for r, n in enumerate(self.send_splits)]
+            dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+            end = 0
+            for r, n in enumerate(recv_splits):  # each peer's extra ends its data
+                end += n
+                if r != self.rank:
+                    received[r] = recv[end - e : end]
+        extras = torch.stack([received[r] for r in range(world)]) if e else extra.new_empty(world, 0)
+        assemble = self._assemble.get(e)
+        if assemble is None:
+            before = lambda peer: e * sum(1 for r in range(peer) if r != self.rank)  # noqa: E731
+            assemble = _coalesce_tagged([(r, off + before(s) if r else off, n) for r, off, n, s in self.pieces])
+            self._assemble[e] = assemble
         if not assemble:
-            return src.new_empty(0)
-        return torch.cat([(recv if received else src)[o : o + n] for received, o, n in assemble])
+            return src.new_empty(0), extras
+        return torch.cat([(recv if r else src)[o : o + n] for r, o, n in assemble]), extras
 
 
 def _coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
