@@ -5,7 +5,8 @@ to whom, in which order (the destination offset orders the moves of each pair, s
 and receiver agree without talking), and how to assemble its destination buffer from the
 received data and from what it keeps. Per call: one `torch.cat` to pack, one
 `all_to_all_single` (uneven splits, which gloo and NCCL both support), one `torch.cat` to
-assemble. Nothing is sent to oneself.
+assemble. Nothing is sent to oneself. `run_with` adds a few elements from every process to
+every other (vector norms, a finiteness flag) to the same all-to-all.
 """
 
 from __future__ import annotations
