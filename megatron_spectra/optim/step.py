@@ -6,8 +6,9 @@
 1-D ZeRO shards of them, or DTensors. The base direction U_k is element-wise, so it runs on
 any piece. It knows nothing of processes; a distributed path plugs in at one seam, the
 optimizer's `clipper` (`clipper.py`), which clips the directions (each full tensor once)
-and tells whether every process's tensors are finite. What a piece cannot tell (how its full tensor is
-clipped, its alpha) comes from `spec_of`, which an adapter answers from its own records.
+and tells whether every process's tensors are finite. What a piece cannot tell (how its
+full tensor is clipped, its alpha) comes from `spec_of`, which an adapter answers from its
+own records.
 
 As in the official code (Algorithm 3 of the paper), a param group with lr = 0 (a frozen
 group, or the first warm-up step) still advances its base moments and step count; only its
@@ -162,7 +163,7 @@ class SpectraStep:
         index = {id(g): i for i, g in enumerate(self.param_groups)}
         chosen = [i for i, (*_, spec, _) in enumerate(moved) if spec.kind != "none"]
         items = [Clip(moved[i][1], moved[i][2], moved[i][3], moved[i][2].kind, index[id(moved[i][0])]) for i in chosen]
-        unclipped = [moved[i][3] for i in sorted(set(range(len(moved))) - set(chosen))]
+        unclipped = [u for *_, spec, u in moved if spec.kind == "none"]
         outs = self.clipper.clip(items, c, "update", also_check=unclipped)
         verified = self.clipper.verified_finite
         clipped = [Clipped(item.param, item.spec, item.tensor, out) for item, out in zip(items, outs)]
