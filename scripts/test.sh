@@ -40,9 +40,17 @@ main_job() {
     bash scripts/install.sh && "${PYTHON:-python3}" -m pytest -q tests "$@"
 }
 
+free_gb() {  # the free space, in whole GB, on the disk under the working directory
+    echo $(( $(df -Pk . | awk 'NR == 2 {print $4}') / 1048576 ))
+}
+
 py312_job() {
-    local venv=.venv-py312
+    local venv=.venv-py312 need_gb=10  # CUDA torch: ~4 GB of wheels downloaded, 4.9 GB installed
     if [ ! -x "$venv/bin/python" ]; then
+        if [ "$(free_gb)" -lt $need_gb ]; then
+            echo "test.sh: job py312 needs about $need_gb GB free to make $venv; $(free_gb) GB free on the disk under $(pwd)" >&2
+            return 1
+        fi
         "$PY312" -m venv "$venv" || { echo "test.sh: $PY312 cannot make a venv" >&2; return 1; }
     fi
     PYTHON="$venv/bin/python" MEGATRON_CORE=$NEWEST_MEGATRON_CORE bash scripts/install.sh \
