@@ -297,7 +297,8 @@ def test_a_sole_holder_stages_on_the_tighter_bound():
     # by 35 (> 32: two stages), |G²|_F^(1/4) by 28. Only the root has G², so holders
     # that must agree plan on the looser bound; a sole holder (local reduce) plans on G²'s.
     from megatron_spectra.bench.cluster import _matmul_shapes
-    from megatron_spectra.ops.soft_clip import ClipNumerics, Reducer, clip_wide
+    from megatron_spectra.ops.reducer import Reducer
+    from megatron_spectra.ops.soft_clip import ClipNumerics, clip_wide
 
     class Spread(Reducer):  # as a multi-process reducer looks to the clip (one process: sums are no-ops)
         local = False

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from ..ops.finite import finite_flags
-from ..ops.soft_clip import ClipNumerics, Reducer, clip_vector, clip_wide
+from ..ops.reducer import Reducer
+from ..ops.soft_clip import ClipNumerics, clip_vector, clip_wide
 from .agreement import (
     FINE, LayoutMismatch, check_problems, encode, fingerprint, gather_fingerprints, gather_layouts, local_problem,
     remote_placements,

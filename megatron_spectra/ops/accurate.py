@@ -26,14 +26,10 @@ stage rescales its factor to keep the running matrix O(1): finite input, finite 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 
 from .newton_schulz import add_to_diagonal, as_batch, inverse_sqrt_polynomial
-
-if TYPE_CHECKING:
-    from .soft_clip import Reducer
+from .reducer import Reducer
 
 _ONE_STAGE = 32.0
 _STAGE_RATIO = 16.0

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 
 from .accurate import clip_accurate
 from .newton_schulz import as_batch, inverse_sqrt_newton_schulz
+from .reducer import LOCAL, Reducer
 
 Mode = Literal["paper", "accurate"]
 MODES = ("paper", "accurate")
@@ -61,40 +62,6 @@ class ClipNumerics:
             raise ValueError(f"unknown post_process {self.post!r}; expected one of {POST_PROCESSES}")
         if self.post == "normalize" and self.mode != "paper":
             raise ValueError("post_process='normalize' is the official function: paper mode only")
-
-
-class Reducer:
-    """Sums (or maxes) per-process partial results in place; a no-op in one process.
-
-    `share_` hands every process the tensors that one process each computed (the others
-    pass zeros): the k x k factors of `clip_wide(..., roots=...)`. `meanwhile` is local work
-    to run before the first share (once; `catch_up` runs it if no share came): the caller's
-    other clips, so that no process idles at the exchange while the roots are computed.
-    `local`: every matrix is whole in this process (nothing to sum, no other holder to agree
-    with)."""
-
-    local = True
-
-    def __init__(self, meanwhile: Callable[[], None] | None = None):
-        self._meanwhile = meanwhile
-
-    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
-        pass
-
-    def max_(self, tensors: Sequence[torch.Tensor]) -> None:
-        pass
-
-    def share_(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.catch_up()
-        self.sum_(tensors)  # x + 0 + ... + 0 = x exactly
-
-    def catch_up(self) -> None:
-        work, self._meanwhile = self._meanwhile, None
-        if work is not None:
-            work()
-
-
-LOCAL = Reducer()
 
 
 def check_threshold(c: float) -> float:
