@@ -169,6 +169,7 @@ def test_report_best_lr_range_noise_and_divergence(tmp_path):
     # curves: every iteration's loss, the norms where measured
     curve = summary["curves"]["lr=0.01_optimizer=spectra-adamw"]
     assert len(curve["train_loss"]) == 400 and curve["update_norm_after"] == [[201, 9.9]] and len(curve["clip_threshold"]) == 400
+    assert curve["lr"][0] == [1, 0.01] and curve["clip_threshold"][-1] == [400, 10.0]
     assert "spectra-adamw ends 0.100 nats lower than AdamW at its best" in text and "over 2 and 1 of the 3 lrs" in text
     assert "and a divergence for AdamW" in text  # at the largest lr
     assert "| best lr | 0.01 | 0.001 |" in text and "| lrs within 0.1 of best | 0.01..0.1 (2 of 3) | 0.001 only (1 of 3) |" in text

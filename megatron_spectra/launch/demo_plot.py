@@ -20,12 +20,6 @@ PALETTE = (("#1f4e99", "#7fa7e0"), ("#c55a11", "#f2b07e"), ("#2e7d32", "#9ccc9c"
 SMOOTH = 5
 
 
-def display(optimizer: str) -> str:
-    from .demo_report import display as name
-
-    return name(optimizer)
-
-
 def plot_demo(arms: list, path: Path, title: str, within: float) -> bool:
     import matplotlib
 
@@ -55,15 +49,15 @@ def _val_vs_lr(ax, arms: list, within: float) -> None:
     for i, a in enumerate(arms):
         colour = PALETTE[i % len(PALETTE)][0]
         lrs = sorted(a.runs)
-        ax.plot(lrs, [min(a.val(lr), top) for lr in lrs], "o-", color=colour, lw=1.5, ms=5, label=display(a.optimizer))
+        ax.plot(lrs, [min(a.val(lr), top) for lr in lrs], "o-", color=colour, lw=1.5, ms=5, label=a.name)
         for lr in lrs:
             if not math.isfinite(a.val(lr)):
                 ax.plot([lr], [top], "x", color=colour, ms=9, mew=2)
                 ax.annotate("diverged", (lr, top), textcoords="offset points", xytext=(0, -12), fontsize=7, color=colour, ha="center")
         best = a.val(a.best_lr)
         if math.isfinite(best):
-            ax.plot([a.best_lr], [best], "*", color=colour, ms=15, mec="black", mew=0.6, label=f"{display(a.optimizer)} best: lr {a.best_lr:g}")
-            ax.axhline(best + within, color=colour, lw=0.8, ls=":", label=f"{display(a.optimizer)} best + {within:g}")
+            ax.plot([a.best_lr], [best], "*", color=colour, ms=15, mec="black", mew=0.6, label=f"{a.name} best: lr {a.best_lr:g}")
+            ax.axhline(best + within, color=colour, lw=0.8, ls=":", label=f"{a.name} best + {within:g}")
     ax.set_xscale("log")
     ax.set(xlabel="peak learning rate", ylabel="final validation loss (nats)", title="(a) final validation loss against lr")
     ax.grid(alpha=0.3, which="both")
@@ -89,7 +83,7 @@ def _loss_curves(ax, arms: list) -> None:
             its, smooth = _running_mean(points)
             ax.plot(its, [v for _, v in points], style, color=colour, lw=0.6, alpha=0.35)
             which = "best" if lr == a.best_lr else "largest"
-            ax.plot(its, smooth, style, color=colour, lw=1.8, label=f"{display(a.optimizer)}, lr {lr:g} ({which})")
+            ax.plot(its, smooth, style, color=colour, lw=1.8, label=f"{a.name}, lr {lr:g} ({which})")
             val = sorted(r.log.val_loss.items())
             ax.plot([it for it, _ in val], [v for _, v in val], "o", color=colour, ms=5, mec="black", mew=0.5)
             lows += [v for v in smooth + [v for _, v in val] if math.isfinite(v)]
@@ -121,9 +115,9 @@ def _norms(ax, arms: list) -> None:
         warmup = max(warmup, r.log.last_iteration // 10)
         clipped = r.row["clip_threshold"] is not None
         if clipped:
-            ax.plot(steps, [r.log.update_norm_before[s] for s in steps], ":", color=colour, lw=1.6, label=f"{display(a.optimizer)}: before clipping")
+            ax.plot(steps, [r.log.update_norm_before[s] for s in steps], ":", color=colour, lw=1.6, label=f"{a.name}: before clipping")
         ax.plot(steps, [r.log.update_norm_after[s] for s in steps], "-", color=colour, lw=1.6,
-                label=f"{display(a.optimizer)}: {'after clipping' if clipped else 'not clipped'} (lr {a.best_lr:g})")
+                label=f"{a.name}: {'after clipping' if clipped else 'not clipped'} (lr {a.best_lr:g})")
         if clipped:
             thresholds = _thresholds(r)
             if thresholds:
@@ -142,8 +136,6 @@ def _norms(ax, arms: list) -> None:
 
 
 def _thresholds(r) -> list:
-    from .demo_report import _jsonl_series
-
     # The first iteration's lr is 0, so its lifted threshold is c·lr_max/1e-10: left out.
     c = r.row["clip_threshold"]
-    return [(it, ck) for it, ck in _jsonl_series(r, {"spectra/clip-threshold": "c"})["c"] if ck and ck <= 100 * c]
+    return [(it, ck) for it, ck in sorted(r.log.clip_threshold.items()) if ck and ck <= 100 * c]

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collect import RunResult, collect, to_csv, to_markdown
+from .demo_plot import plot_demo
 
+NAMES = {"adam": "AdamW"}  # Megatron's adam is AdamW (decoupled weight decay)
 WITHIN = 0.1  # nats: an lr "trains well" when its final validation loss is within this of the optimizer's best
 
 HOW = f"""\
@@ -56,6 +58,10 @@ class Arm:
 
     optimizer: str
     runs: dict = field(default_factory=dict)  # lr -> RunResult
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.optimizer, self.optimizer)
 
     def val(self, lr: float) -> float:
         """Final val loss; inf for a run that diverged, failed or never finished."""
@@ -106,13 +112,6 @@ def _num(value, fmt: str = ".3f") -> str:
     return "diverged" if value == math.inf else format(value, fmt)
 
 
-NAMES = {"adam": "AdamW"}  # Megatron's adam is AdamW (decoupled weight decay)
-
-
-def display(optimizer: str) -> str:
-    return NAMES.get(optimizer, optimizer)
-
-
 def finding(arms: list[Arm]) -> str:
     """The result in one sentence, whichever way it went."""
     if len(arms) != 2 or any(not math.isfinite(a.val(a.best_lr)) for a in arms):
@@ -121,11 +120,11 @@ def finding(arms: list[Arm]) -> str:
     vc, vb = c.val(c.best_lr), b.val(b.best_lr)
     verdict = "the same" if abs(vc - vb) < 0.0005 else f"{abs(vc - vb):.3f} nats {'lower' if vc < vb else 'higher'}"
     n, top = len(c.runs), max(c.runs)
-    return (f"At its own best lr {display(c.optimizer)} ends {verdict} than {display(b.optimizer)} at its best "
+    return (f"At its own best lr {c.name} ends {verdict} than {b.name} at its best "
             f"({vc:.3f} at lr {c.best_lr:g} against {vb:.3f} at lr {b.best_lr:g}; one seed); each trains within {WITHIN} "
             f"of its best over {len(c.within())} and {len(b.within())} of the {n} lrs ({lr_range(c.within(), n).split(' (')[0]} "
             f"and {lr_range(b.within(), n).split(' (')[0]}); at lr {top:g} the largest loss rise is {_rise(c.largest)} for "
-            f"{display(c.optimizer)} and {_rise(b.largest)} for {display(b.optimizer)}.")
+            f"{c.name} and {_rise(b.largest)} for {b.name}.")
 
 
 def _rise(r: RunResult) -> str:
@@ -151,14 +150,14 @@ def best_vs_best(arms: list[Arm]) -> str:
         ("largest ‖U‖₂ after clipping, best lr", lambda a: _num(a.best.row["max_update_norm"], ".3g")),
         ("tokens/s at best lr", lambda a: _num(a.best.row["tokens_per_s"], ".0f")),
     ]
-    lines = ["| | " + " | ".join(display(a.optimizer) for a in arms) + " |", "|---|" + "---|" * len(arms)]
+    lines = ["| | " + " | ".join(a.name for a in arms) + " |", "|---|" + "---|" * len(arms)]
     lines += [f"| {name} | " + " | ".join(cell(a) for a in arms) + " |" for name, cell in rows]
     return "\n".join(lines) + "\n"
 
 
 def by_lr(arms: list[Arm]) -> str:
     lrs = sorted({lr for a in arms for lr in a.runs})
-    head = "| lr | " + " | ".join(f"{display(a.optimizer)} val loss | rise | noise" for a in arms) + " |"
+    head = "| lr | " + " | ".join(f"{a.name} val loss | rise | noise" for a in arms) + " |"
     lines = [head, "|---|" + "---|---|---|" * len(arms)]
     for lr in lrs:
         cells = []
@@ -187,34 +186,12 @@ def pair_table(pair: list[RunResult], sweep: list[RunResult]) -> str:
 
 def curves(r: RunResult) -> dict:
     """Every per-iteration series of a run (metrics.jsonl), for summary.json."""
-    out = {"train_loss": sorted(r.log.train_loss.items()), "val_loss": sorted(r.log.val_loss.items()),
-           "update_norm_before": sorted(r.log.update_norm_before.items()),
-           "update_norm_after": sorted(r.log.update_norm_after.items())}
-    out.update(_jsonl_series(r, {"lr": "lr", "spectra/clip-threshold": "clip_threshold"}))
-    return out
-
-
-def _jsonl_series(r: RunResult, keys: dict) -> dict:
-    series = {name: [] for name in keys.values()}
-    path = Path(r.run_dir or "") / "metrics.jsonl"
-    if r.run_dir is None or not path.is_file():
-        return series
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == "train":
-            for key, name in keys.items():
-                if key in record:
-                    series[name].append((record["iteration"], record[key]))
-    return series
+    series = ("train_loss", "val_loss", "update_norm_before", "update_norm_after", "lr", "clip_threshold")
+    return {name: sorted(getattr(r.log, name).items()) for name in series}
 
 
 def write_demo(root: Path, run_dirs: list, n_sweep: int, wall: float | None = None, backend: str = "gloo") -> tuple[str, list]:
     """results.md/.csv, demo.png and summary.json in root; returns the text to print and notes."""
-    from .demo_plot import plot_demo
-
     root = Path(root)
     results, notes = collect(root, runs=run_dirs)
     sweep, pair = results[:n_sweep], results[n_sweep:]

@@ -38,6 +38,8 @@ class RunLog:
     final_val_loss: float | None = None  # the "on validation set" evaluation after training
     update_norm_before: dict = field(default_factory=dict)  # iteration -> largest ||U||_2 before clipping
     update_norm_after: dict = field(default_factory=dict)  # iteration -> ... as applied
+    lr: dict = field(default_factory=dict)  # iteration -> lr (metrics.jsonl only)
+    clip_threshold: dict = field(default_factory=dict)  # iteration -> SPECTRA's lifted c_k (metrics.jsonl only)
     summary: dict = field(default_factory=dict)  # the builtin trainer's closing record
 
     @property
@@ -112,6 +114,10 @@ def parse_metrics(path: str | Path) -> RunLog:
             log.last_iteration = max(log.last_iteration, it)
             if "update_norm_after" in record:
                 log.update_norm_before[it], log.update_norm_after[it] = record["update_norm_before"], record["update_norm_after"]
+            if "lr" in record:
+                log.lr[it] = record["lr"]
+            if "spectra/clip-threshold" in record:
+                log.clip_threshold[it] = record["spectra/clip-threshold"]
         elif kind == "valid":
             log.val_loss[it] = record["lm_loss"]
         elif kind == "summary":
