@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatron_spectra.bench import cluster
+from megatron_spectra.bench import clip_cost, cluster
 from megatron_spectra.bench.clip import MatmulCounter
 from megatron_spectra.bench.simulated import Layout, Model, model_params, rank_placements
 from megatron_spectra.cli.main import main
@@ -24,17 +24,17 @@ def test_paper_products_are_what_soft_clip_runs(shape):
     with MatmulCounter() as counter:
         soft_spectral_clip(x, 1.0, mode="paper")
     k, n = min(shape), max(shape)
-    line, square = cluster.products("paper")
+    line, square = clip_cost.products("paper")
     # The official iteration: Gram + product, 10 steps of 3 k x k products (4k²n + 60k³); the
     # code may skip the first step's two products with I and the last unused Y (exact in bf16).
     assert line == 2 and square in (30, 27) and counter.matmuls == line + square
-    assert counter.flops == cluster.clip_flops(k, n, (line, square)) == ssc_flops(*shape) - 2 * (30 - square) * k**3
+    assert counter.flops == clip_cost.clip_flops(k, n, (line, square)) == ssc_flops(*shape) - 2 * (30 - square) * k**3
 
 
 def test_accurate_products_count_the_real_schedule():
-    line, square = cluster.products("accurate", 30.0)
+    line, square = clip_cost.products("accurate", 30.0)
     assert line == 2 and 10 <= square < 30  # one stage: Gram and product, fewer k x k products than the paper's 30
-    assert cluster.products("accurate", 300.0)[0] == 4  # beyond 32: two stages, each with its Gram and product
+    assert clip_cost.products("accurate", 300.0)[0] == 4  # beyond 32: two stages, each with its Gram and product
 
 
 def small_run(tp=2, dp=2, nodes=1):
@@ -51,7 +51,7 @@ def test_rank_work_matches_hand_formulas():
     matrices = [i for i, p in enumerate(params) if p.is_matrix]
     placements = [[rank_placements(params, layout, r, "auto")[i] for i in matrices] for r in range(layout.world)]
     plan = build_plan(placements, paper=True, products=30)  # the official count in both
-    work = cluster.rank_work(plan, (2, 30))
+    work = clip_cost.rank_work(plan, (2, 30))
     # Every matrix clipped once, whole, by one owner (at this size), at 4k²n + 60k³.
     assert all(t.strategy == "owner" for t in plan.tensors)
     assert sum(w.flops for w in work) == sum(ssc_flops(*params[i].shape) for i in matrices)
@@ -66,13 +66,13 @@ def test_rank_work_matches_hand_formulas():
         shapes.setdefault(t.units[0].rank, set()).add(tuple(sorted(params[i].shape)))
     assert [w.matmuls for w in work] == [32 * len(shapes.get(r, ())) for r in range(layout.world)]
     # The whole model's plan (norms by the vector rule too) adds only the vectors' bytes.
-    full = cluster.rank_work(cluster.plan_for(run, "paper", 30), (2, 30))
+    full = clip_cost.rank_work(cluster.plan_for(run, "paper", 30), (2, 30))
     assert [w.flops for w in full] == pytest.approx([w.flops for w in work])
 
 
 def test_links_times_and_baseline():
     rates = cluster.Rates(bf16_tflops=500, fp32_tflops=50, nvlink_gbs=400, ib_gbs=50, launch_us=10, mfu=0.5)
-    w = cluster.RankWork(flops=1e12, matmuls=64, nvlink_bytes=(4e8, 2e8), ib_bytes=(1e8, 3e8))
+    w = clip_cost.RankWork(flops=1e12, matmuls=64, nvlink_bytes=(4e8, 2e8), ib_bytes=(1e8, 3e8))
     assert cluster.comm_seconds(w, rates) == pytest.approx(max(4e8 / 400e9 + 1e8 / 50e9, 2e8 / 400e9 + 3e8 / 50e9))
     assert cluster.compute_seconds(w, "paper", rates) == pytest.approx(1e12 / 500e12 + 64 * 10e-6)
     assert cluster.compute_seconds(w, "accurate", rates) == pytest.approx(1e12 / 50e12 + 64 * 10e-6)
@@ -84,7 +84,7 @@ def test_links_times_and_baseline():
     # Across nodes: a two-node layout sends some of its bytes over InfiniBand.
     # Across nodes: the output layer, spread over DP ranks 0-7 and 8, reaches its owner partly over InfiniBand.
     wide_vocab = cluster.Run("tiny", Model("tiny", 1, 64, 4, 128, 6144), 32, 16, 1, nodes=2, tp=1, dp=16)
-    work = cluster.rank_work(cluster.plan_for(wide_vocab, "paper", 30), (2, 30))
+    work = clip_cost.rank_work(cluster.plan_for(wide_vocab, "paper", 30), (2, 30))
     ib = [w.ib_bytes for w in work]
     assert sum(s for s, _ in ib) == sum(r for _, r in ib) > 0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_spectra import normalize_singular_values, soft_spectral_clip, soft_spectral_clip_svd, spectral_clip
-from megatron_spectra.bench.cluster import products
+from megatron_spectra.bench.clip_cost import products
 from megatron_spectra.ops.newton_schulz import polynomial_schedule, schedule_products
 
 
@@ -296,7 +296,7 @@ def test_a_sole_holder_stages_on_the_tighter_bound():
     # 16 singular values at s_max = 20c, 48 at 10c: min(Gershgorin, Frobenius) bounds s_max/c
     # by 35 (> 32: two stages), |G²|_F^(1/4) by 28. Only the root has G², so holders
     # that must agree plan on the looser bound; a sole holder (local reduce) plans on G²'s.
-    from megatron_spectra.bench.cluster import _matmul_shapes
+    from megatron_spectra.bench.clip_cost import matmul_shapes
     from megatron_spectra.ops.reducer import Reducer
     from megatron_spectra.ops.soft_clip import ClipNumerics, clip_wide
 
@@ -311,7 +311,7 @@ def test_a_sole_holder_stages_on_the_tighter_bound():
     numerics = ClipNumerics("accurate")
     outs, lines = {}, {}
     for name, reduce in (("sole", Reducer()), ("spread", Spread())):
-        shapes = _matmul_shapes(lambda: outs.setdefault(name, clip_wide([x], [1.0], numerics, reduce)[0]))
+        shapes = matmul_shapes(lambda: outs.setdefault(name, clip_wide([x], [1.0], numerics, reduce)[0]))
         lines[name] = sum(1 for shape in shapes if 128 in shape)  # the Gram and the product, per stage
         assert singular_value_error(outs[name], s, 1.0) <= 1e-4
     assert lines == {"sole": 2, "spread": 4}
