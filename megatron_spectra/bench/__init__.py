@@ -1,4 +1,6 @@
-"""Benchmarks behind `spectra bench`: each module has add_parser(subparsers) and run(args)."""
+"""Benchmarks behind `spectra bench`: clip, engine, megatron, fsdp and cluster each have
+add_parser(subparsers) and run(args); the other modules are their parts (simulated layouts,
+model shapes, Megatron's Muon, the official-cost baseline, clip costs) and the GPU check."""
 
 from __future__ import annotations
 
