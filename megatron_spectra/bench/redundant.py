@@ -18,8 +18,6 @@ class RedundantClipper:
     rebuilds it from the TP x ZeRO pieces on every rank, and every rank clips it."""
 
     def __init__(self, part):
-        from megatron.core import parallel_state
-
         from ..megatron.main_params import EntryClipper
 
         clipper, numerics = part.spectra_clipper, part.optimizer.numerics
@@ -27,7 +25,6 @@ class RedundantClipper:
         # the 1-D params through the engine: negligible either way
         self.vectors = EntryClipper([e for e in clipper.entries if e.kind == "vector"], clipper.group, numerics)
         self.group, self.numerics = clipper.group, numerics
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
 
     verified_finite = False
 

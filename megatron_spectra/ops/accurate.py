@@ -26,6 +26,7 @@ stage rescales its factor to keep the running matrix O(1): finite input, finite 
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .newton_schulz import add_to_diagonal, as_batch, inverse_sqrt_polynomial
